@@ -1,0 +1,32 @@
+//! Custom resource types (kube derive) and condition helpers. No I/O.
+
+pub mod bulk;
+pub mod common;
+pub mod conditions;
+pub mod validate;
+
+pub use bulk::*;
+pub use common::*;
+
+use kube::CustomResourceExt;
+
+/// Annotation: any new value starts a run now.
+pub const ANNOTATION_RUN_NOW: &str = "fhirsync.io/run-now";
+/// Annotation: any new value makes the next run a full export.
+pub const ANNOTATION_RESET_WATERMARK: &str = "fhirsync.io/reset-watermark";
+/// Label on each BulkExportRun naming its BulkExportSync.
+pub const LABEL_SYNC: &str = "fhirsync.io/sync";
+/// Finalizer on BulkExportRuns (cancel the export and clean staging on delete).
+pub const FINALIZER_RUN: &str = "fhirsync.io/run-cleanup";
+/// Field manager for every write the operator makes.
+pub const FIELD_MANAGER: &str = "fhirsync";
+
+/// All CRDs as one multi-document YAML stream (what `fhirsync crds` prints and `crds/` holds).
+pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
+    let mut out = String::new();
+    for crd in [BulkExportSync::crd(), BulkExportRun::crd()] {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&crd)?);
+    }
+    Ok(out)
+}

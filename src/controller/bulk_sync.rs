@@ -1,0 +1,460 @@
+//! BulkExportSync controller: the schedule, the history and the watermark. Creates one
+//! BulkExportRun per run (as a CronJob creates Jobs), never two at once, and folds each finished run
+//! into the sync's status.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::store::WriterDropped;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::{Context, Error};
+use crate::api::conditions::{is_true, remove_condition, set_condition, types};
+use crate::api::validate::validate_bulk_sync;
+use crate::api::{
+    ANNOTATION_RESET_WATERMARK, ANNOTATION_RUN_NOW, BulkExportRun, BulkExportRunSpec, BulkExportSync,
+    BulkExportSyncStatus, FIELD_MANAGER, LABEL_SYNC, Phase, RunSummary, SyncRef, Trigger, parse_duration,
+};
+use crate::cli::sync_once::watermark_scope;
+use crate::schedule::Schedule;
+
+/// Builds the controller future and a future that resolves once its cache has synced.
+pub fn controller(
+    ctx: Arc<Context>,
+    ns: Option<String>,
+    stop: CancellationToken,
+) -> (BoxFuture<'static, ()>, BoxFuture<'static, Result<(), WriterDropped>>) {
+    let (syncs, runs): (Api<BulkExportSync>, Api<BulkExportRun>) = match &ns {
+        Some(n) => (Api::namespaced(ctx.client.clone(), n), Api::namespaced(ctx.client.clone(), n)),
+        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
+    };
+    let c = Controller::new(syncs, watcher::Config::default())
+        .owns(runs, watcher::Config::default())
+        .graceful_shutdown_on(async move { stop.cancelled().await });
+    let store = c.store();
+    let fut = Box::pin(super::drain(c.run(reconcile, error_policy, ctx)));
+    (fut, Box::pin(async move { store.wait_until_ready().await }))
+}
+
+fn error_policy(sync: Arc<BulkExportSync>, e: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(sync = %sync.name_any(), error = %e, "reconcile failed");
+    ctx.metrics
+        .reconcile_failures
+        .get_or_create(&crate::metrics::FailureLabels { kind: "BulkExportSync".into(), reason: e.reason().into() })
+        .inc();
+    Action::requeue(Duration::from_secs(10))
+}
+
+async fn patch_status(api: &Api<BulkExportSync>, name: &str, st: &BulkExportSyncStatus) -> Result<(), kube::Error> {
+    let body = json!({"apiVersion": "fhirsync.io/v1alpha1", "kind": "BulkExportSync", "status": st});
+    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await.map(|_| ())
+}
+
+fn uses_insecure_tls(sync: &BulkExportSync) -> bool {
+    [&sync.spec.source.tls, &sync.spec.target.tls].iter().any(|t| t.as_ref().is_some_and(|t| t.insecure_skip_verify))
+}
+
+fn phase_reason(p: Phase) -> &'static str {
+    match p {
+        Phase::Pending => "Pending",
+        Phase::Exporting => "Exporting",
+        Phase::Transferring => "Transferring",
+        Phase::Importing => "Importing",
+        Phase::Deleting => "Deleting",
+        Phase::Succeeded => "Succeeded",
+        Phase::Failed => "Failed",
+    }
+}
+
+fn run_is_finished(r: &BulkExportRun) -> bool {
+    r.status.as_ref().is_some_and(|s| s.phase.is_finished())
+}
+
+async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciles.get_or_create(&crate::metrics::KindLabels { kind: "BulkExportSync".into() }).inc();
+    if sync.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change()); // owned runs go with it (garbage collection)
+    }
+    let ns = sync.namespace().unwrap_or_default();
+    let name = sync.name_any();
+    let gen_ = sync.metadata.generation;
+    let syncs: Api<BulkExportSync> = Api::namespaced(ctx.client.clone(), &ns);
+    let runs_api: Api<BulkExportRun> = Api::namespaced(ctx.client.clone(), &ns);
+    let before = sync.status.clone().unwrap_or_default();
+    let mut st = before.clone();
+    st.observed_generation = gen_;
+    let now = Timestamp::now();
+
+    if uses_insecure_tls(&sync) {
+        set_condition(
+            &mut st.conditions,
+            types::INSECURE_TLS,
+            true,
+            "InsecureSkipVerify",
+            "tls.insecureSkipVerify is in use: server certificates are not verified; configure tls.caRef instead",
+            gen_,
+        );
+    } else {
+        remove_condition(&mut st.conditions, types::INSECURE_TLS);
+    }
+
+    // 1. the spec
+    if let Err(msg) = validate_bulk_sync(&sync.spec) {
+        set_condition(&mut st.conditions, types::READY, false, "InvalidSpec", format!("{msg}; fix the spec"), gen_);
+        set_condition(
+            &mut st.conditions,
+            types::PROGRESSING,
+            false,
+            "InvalidSpec",
+            "no runs while the spec is invalid",
+            gen_,
+        );
+        return finish(&syncs, &name, &before, &st, Action::await_change()).await;
+    }
+    let schedule = match &sync.spec.schedule {
+        Some(expr) => match Schedule::parse(expr, &sync.spec.time_zone) {
+            Ok(s) => Some(s),
+            Err(msg) => {
+                set_condition(
+                    &mut st.conditions,
+                    types::READY,
+                    false,
+                    "InvalidSchedule",
+                    format!("{msg}; fix spec.schedule or spec.timeZone"),
+                    gen_,
+                );
+                set_condition(
+                    &mut st.conditions,
+                    types::PROGRESSING,
+                    false,
+                    "InvalidSchedule",
+                    "no runs while the schedule is invalid",
+                    gen_,
+                );
+                st.next_schedule_time = None;
+                return finish(&syncs, &name, &before, &st, Action::await_change()).await;
+            }
+        },
+        None => None,
+    };
+    let overlap = parse_duration(&sync.spec.since_overlap).unwrap_or(Duration::from_secs(300));
+
+    // 2. the watermark belongs to one query: a changed source, export or target resets it
+    let scope = watermark_scope(&sync);
+    if st.watermark_scope.as_deref() != Some(&scope) {
+        if st.watermark_scope.is_some() && st.watermark.is_some() {
+            ctx.event(
+                sync.as_ref(),
+                EventType::Normal,
+                "WatermarkReset",
+                "Schedule",
+                "source.url, export or target.url changed: the next run is a full export".into(),
+            )
+            .await;
+        }
+        if st.watermark_scope.is_some() {
+            st.watermark = None;
+        }
+        st.watermark_scope = Some(scope);
+    }
+    let reset = sync.annotations().get(ANNOTATION_RESET_WATERMARK).cloned();
+    if reset.is_some() && reset != st.handled_reset_watermark {
+        st.watermark = None;
+        st.handled_reset_watermark = reset;
+        ctx.event(
+            sync.as_ref(),
+            EventType::Normal,
+            "WatermarkReset",
+            "Schedule",
+            "reset-watermark annotation: the next run is a full export".into(),
+        )
+        .await;
+    }
+
+    // 3. runs: fold the finished active run, adopt an unfinished one
+    let mut runs = runs_api.list(&ListParams::default().labels(&format!("{LABEL_SYNC}={name}"))).await?.items;
+    runs.retain(|r| {
+        r.owner_references().iter().any(|o| Some(&o.uid) == sync.uid().as_ref()) || r.spec.sync_ref.name == name
+    });
+    runs.sort_by(|a, b| a.creation_timestamp().cmp(&b.creation_timestamp()).then(a.name_any().cmp(&b.name_any())));
+    if let Some(active) = st.active_run.clone() {
+        match runs.iter().find(|r| r.name_any() == active) {
+            Some(r) if run_is_finished(r) => fold(&ctx, &sync, &mut st, r, overlap).await,
+            Some(_) => {}
+            None => st.active_run = None,
+        }
+    }
+    if st.active_run.is_none()
+        && let Some(r) = runs.iter().find(|r| !run_is_finished(r))
+    {
+        st.active_run = Some(r.name_any());
+    }
+    let active = st.active_run.as_ref().and_then(|a| runs.iter().find(|r| &r.name_any() == a)).cloned();
+    match &active {
+        Some(r) => {
+            let phase = r.status.as_ref().map(|s| s.phase).unwrap_or_default();
+            let msg = r.status.as_ref().and_then(|s| s.message.clone()).unwrap_or_else(|| "run starting".into());
+            set_condition(
+                &mut st.conditions,
+                types::PROGRESSING,
+                true,
+                phase_reason(phase),
+                format!("run {}: {msg}", r.name_any()),
+                gen_,
+            );
+        }
+        None => {
+            set_condition(&mut st.conditions, types::PROGRESSING, false, "Idle", "no run in flight", gen_);
+        }
+    }
+    if st.last_successful_run.is_none()
+        && !st.conditions.iter().any(|c| c.type_ == types::READY && c.reason == "RunFailed")
+    {
+        set_condition(&mut st.conditions, types::READY, false, "Pending", "no run has succeeded yet", gen_);
+    } else if let Some(c) = st.conditions.iter().find(|c| c.type_ == types::READY)
+        && matches!(c.reason.as_str(), "InvalidSpec" | "InvalidSchedule" | "Suspended" | "Pending")
+    {
+        // the spec is valid again: Ready reflects the last run
+        let ok = st.last_successful_run.is_some();
+        set_condition(
+            &mut st.conditions,
+            types::READY,
+            ok,
+            if ok { "Succeeded" } else { "Pending" },
+            if ok { "the last run succeeded" } else { "no run has succeeded yet" },
+            gen_,
+        );
+    }
+
+    // 4. is a run due?
+    let run_now = sync.annotations().get(ANNOTATION_RUN_NOW).cloned();
+    let mut due: Option<(Trigger, Timestamp)> = None;
+    if run_now.is_some() && run_now != st.handled_run_now {
+        due = Some((Trigger::RunNow, now));
+    } else if sync.spec.suspend {
+        let ok = st.last_successful_run.is_some() && !is_true(&st.conditions, types::DEGRADED);
+        set_condition(
+            &mut st.conditions,
+            types::READY,
+            ok,
+            "Suspended",
+            "spec.suspend is true: no new runs (a run in flight finishes)",
+            gen_,
+        );
+    } else if let Some(s) = &schedule {
+        let from = st
+            .last_schedule_time
+            .as_ref()
+            .map(|t| t.0)
+            .or_else(|| sync.creation_timestamp().map(|t| t.0))
+            .unwrap_or(now);
+        if let Some(slot) = s.next_after(from)
+            && slot <= now
+        {
+            // missed slots while down: one catch-up run for the latest one
+            let mut latest = slot;
+            while let Some(n) = s.next_after(latest) {
+                if n > now {
+                    break;
+                }
+                latest = n;
+            }
+            due = Some((Trigger::Schedule, latest));
+        }
+    } else if st.last_run_generation != gen_ {
+        due = Some((Trigger::Schedule, now));
+    }
+    if let Some((trigger, slot)) = due {
+        if active.is_some() {
+            tracing::debug!(sync = %name, "run due but one is in flight; waiting");
+        } else {
+            let since = if sync.spec.incremental {
+                st.watermark.as_ref().map(|t| t.0).or(sync.spec.export.since.as_ref().map(|t| t.0))
+            } else {
+                sync.spec.export.since.as_ref().map(|t| t.0)
+            };
+            let run_name = format!(
+                "{}-{}",
+                truncate(&name, 200),
+                slot.as_second() / 60 + if trigger == Trigger::RunNow { 1 } else { 0 }
+            );
+            let run = BulkExportRun {
+                metadata: ObjectMeta {
+                    name: Some(run_name.clone()),
+                    namespace: Some(ns.clone()),
+                    labels: Some([(LABEL_SYNC.to_string(), name.clone())].into()),
+                    owner_references: sync.controller_owner_ref(&()).map(|o| vec![o]),
+                    ..Default::default()
+                },
+                spec: BulkExportRunSpec { sync_ref: SyncRef { name: name.clone() }, since: since.map(Time), trigger },
+                status: None,
+            };
+            match runs_api
+                .create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &run)
+                .await
+            {
+                Ok(_) => {
+                    ctx.event(
+                        sync.as_ref(),
+                        EventType::Normal,
+                        "RunCreated",
+                        "Schedule",
+                        format!(
+                            "created BulkExportRun {run_name} ({trigger:?}, since: {})",
+                            since.map(|t| t.to_string()).unwrap_or_else(|| "full export".into())
+                        ),
+                    )
+                    .await;
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => {} // created before a crash: adopt it
+                Err(e) => return Err(e.into()),
+            }
+            st.active_run = Some(run_name.clone());
+            st.last_schedule_time = Some(Time(slot.min(now)));
+            if trigger == Trigger::RunNow {
+                st.handled_run_now = run_now;
+            }
+            st.last_run_generation = gen_;
+            set_condition(
+                &mut st.conditions,
+                types::PROGRESSING,
+                true,
+                "Pending",
+                format!("run {run_name} created"),
+                gen_,
+            );
+        }
+    }
+    st.next_schedule_time = match (&schedule, sync.spec.suspend) {
+        (Some(s), false) => s.next_after(st.last_schedule_time.as_ref().map(|t| t.0.max(now)).unwrap_or(now)).map(Time),
+        _ => None,
+    };
+
+    // 5. history
+    let finished: Vec<&BulkExportRun> =
+        runs.iter().filter(|r| run_is_finished(r) && st.active_run.as_deref() != Some(&r.name_any())).collect();
+    let keep = sync.spec.history_limit as usize;
+    if finished.len() > keep {
+        for r in &finished[..finished.len() - keep] {
+            if r.metadata.deletion_timestamp.is_none() {
+                match runs_api.delete(&r.name_any(), &DeleteParams::background()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+
+    // 6. metrics
+    if let Some(w) = &st.watermark {
+        ctx.metrics
+            .watermark_age
+            .get_or_create(&crate::metrics::SyncLabels { namespace: ns.clone(), name: name.clone() })
+            .set(now.duration_since(w.0).as_secs_f64());
+    }
+
+    let action = if st.active_run.is_some() {
+        Action::requeue(Duration::from_secs(300))
+    } else if let Some(next) = &st.next_schedule_time {
+        let secs = next.0.duration_since(now).as_secs().clamp(1, 3600) as u64;
+        Action::requeue(Duration::from_secs(secs))
+    } else {
+        Action::requeue(Duration::from_secs(600))
+    };
+    finish(&syncs, &name, &before, &st, action).await
+}
+
+/// Folds a finished run into the sync's status: results, watermark, conditions.
+async fn fold(
+    ctx: &Context,
+    sync: &BulkExportSync,
+    st: &mut BulkExportSyncStatus,
+    run: &BulkExportRun,
+    overlap: Duration,
+) {
+    let gen_ = sync.metadata.generation;
+    let rs = run.status.clone().unwrap_or_default();
+    st.active_run = None;
+    if rs.phase == Phase::Succeeded {
+        if sync.spec.incremental
+            && let Some(w) = crate::run::next_watermark(&rs, overlap)
+        {
+            st.watermark = Some(Time(w));
+        }
+        let total: i64 = rs.resources.values().sum();
+        st.last_run_resources = Some(total);
+        st.last_successful_run = Some(RunSummary {
+            name: run.name_any(),
+            finished_at: rs.completion_time.clone(),
+            transaction_time: rs.transaction_time.clone(),
+            resources: rs.resources.clone(),
+            deleted: rs.deleted,
+        });
+        let msg = format!(
+            "run {} imported {total} resources{}",
+            run.name_any(),
+            if rs.deleted > 0 { format!(" and replayed {} deletions", rs.deleted) } else { String::new() }
+        );
+        set_condition(&mut st.conditions, types::READY, true, "Succeeded", msg, gen_);
+        if rs.export_errors > 0 {
+            set_condition(
+                &mut st.conditions,
+                types::DEGRADED,
+                true,
+                "PartialExport",
+                format!("run {}: {}", run.name_any(), rs.message.clone().unwrap_or_default()),
+                gen_,
+            );
+        } else {
+            set_condition(&mut st.conditions, types::DEGRADED, false, "Succeeded", "the last run succeeded", gen_);
+        }
+    } else {
+        let reason = rs.reason.clone().filter(|r| !r.is_empty()).unwrap_or_else(|| "RunFailed".into());
+        let msg = format!(
+            "run {} failed: {}; the next scheduled run retries",
+            run.name_any(),
+            rs.message.clone().unwrap_or_default()
+        );
+        set_condition(&mut st.conditions, types::READY, false, "RunFailed", msg.clone(), gen_);
+        set_condition(&mut st.conditions, types::DEGRADED, true, &reason, msg, gen_);
+        ctx.event(
+            sync,
+            EventType::Warning,
+            &reason,
+            "Run",
+            format!("run {} failed: {}", run.name_any(), rs.message.unwrap_or_default()),
+        )
+        .await;
+    }
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    if s.len() <= n { s } else { s[..n].trim_end_matches('-') }
+}
+
+async fn finish(
+    api: &Api<BulkExportSync>,
+    name: &str,
+    before: &BulkExportSyncStatus,
+    st: &BulkExportSyncStatus,
+    action: Action,
+) -> Result<Action, Error> {
+    if st != before {
+        match patch_status(api, name, st).await {
+            Ok(()) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(Action::await_change()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(action)
+}

@@ -1,0 +1,255 @@
+//! The operator: thin controllers over the run engine. `Context` carries the shared dependencies.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource};
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Readiness};
+use crate::metrics::Metrics;
+use crate::run::{KeyedLocks, Options};
+use crate::secrets::{KubeSecrets, SecretSource};
+use crate::telemetry::LogFormat;
+
+pub mod bulk_run;
+pub mod bulk_sync;
+pub mod leader;
+
+/// Flags of `fhirsync run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Address of the admin server (/healthz, /readyz, /metrics).
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub admin_addr: SocketAddr,
+    /// Namespace to watch (repeatable); default: all namespaces.
+    #[arg(long = "namespace")]
+    pub namespaces: Vec<String>,
+    /// Take part in leader election (one active controller among replicas).
+    #[arg(long)]
+    pub leader_elect: bool,
+    /// Namespace of the Lease (default: the pod's namespace, from POD_NAMESPACE or the service account).
+    #[arg(long)]
+    pub lease_namespace: Option<String>,
+    /// Name of the Lease.
+    #[arg(long, default_value = "fhirsync-operator")]
+    pub lease_name: String,
+    /// Every staging.volume.path must lie under this directory.
+    #[arg(long)]
+    pub staging_root: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log level (tracing EnvFilter directive, e.g. info or fhirsync=debug).
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+}
+
+/// Controller errors (reconciles are retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Error {
+    /// A short reason label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "KubeApi",
+            Error::Finalizer(_) => "Finalizer",
+            Error::Other(_) => "Other",
+        }
+    }
+}
+
+/// A run being driven by this process.
+pub struct RunTask {
+    pub cancel: CancellationToken,
+    pub handle: tokio::task::JoinHandle<()>,
+}
+
+/// Shared dependencies of the controllers.
+pub struct Context {
+    pub client: Client,
+    pub reporter: Reporter,
+    pub metrics: Arc<Metrics>,
+    pub locks: KeyedLocks,
+    pub secrets: Arc<dyn SecretSource>,
+    pub opts: Options,
+    pub tasks: Mutex<HashMap<String, RunTask>>,
+    pub shutdown: CancellationToken,
+}
+
+impl Context {
+    /// Publishes an Event; failures are logged, never fatal.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let rec = Recorder::new(self.client.clone(), self.reporter.clone());
+        let mut note = note;
+        if note.len() > 1000 {
+            let mut cut = 1000;
+            while !note.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            note.truncate(cut);
+        }
+        let ev = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+        if let Err(e) = rec.publish(&ev, &obj.object_ref(&())).await {
+            tracing::debug!(error = %e, "could not publish event");
+        }
+    }
+}
+
+/// `fhirsync run`: returns the exit code.
+pub async fn run(args: RunArgs) -> i32 {
+    match run_inner(args).await {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!(error = %e, "operator stopped");
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+async fn run_inner(args: RunArgs) -> Result<(), Error> {
+    crate::fhir::client::init_tls();
+    let client = Client::try_default()
+        .await
+        .map_err(|e| Error::Other(format!("no Kubernetes cluster: set KUBECONFIG or run in a pod ({e})")))?;
+    let shutdown = CancellationToken::new();
+    {
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested");
+            s.cancel();
+        });
+    }
+    let metrics = Arc::new(Metrics::default());
+    let ready = Readiness::default();
+    let admin = {
+        let (m, r, s) = (metrics.clone(), ready.clone(), shutdown.clone());
+        let addr = args.admin_addr;
+        tokio::spawn(async move {
+            if let Err(e) = admin::serve(addr, r, m, async move { s.cancelled().await }).await {
+                tracing::error!(error = %e, %addr, "admin server failed");
+            }
+        })
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        reporter: Reporter { controller: "fhirsync".into(), instance: std::env::var("POD_NAME").ok() },
+        metrics,
+        locks: KeyedLocks::default(),
+        secrets: Arc::new(KubeSecrets::new(client.clone())),
+        opts: Options { staging_root: args.staging_root.clone() },
+        tasks: Mutex::new(HashMap::new()),
+        shutdown: shutdown.clone(),
+    });
+    let result = if args.leader_elect {
+        leader::run_with_election(&args, ctx.clone(), ready.clone()).await
+    } else {
+        run_controllers(&args, ctx.clone(), ready.clone(), shutdown.clone()).await;
+        Ok(())
+    };
+    shutdown.cancel();
+    stop_tasks(&ctx).await;
+    let _ = admin.await;
+    result
+}
+
+/// Runs all controllers until `stop` fires; marks ready once their caches have synced.
+pub async fn run_controllers(args: &RunArgs, ctx: Arc<Context>, ready: Readiness, stop: CancellationToken) {
+    let namespaces: Vec<Option<String>> =
+        if args.namespaces.is_empty() { vec![None] } else { args.namespaces.iter().cloned().map(Some).collect() };
+    let mut futs = vec![];
+    let mut stores = vec![];
+    for ns in namespaces {
+        let (f, s) = bulk_sync::controller(ctx.clone(), ns.clone(), stop.clone());
+        futs.push(f);
+        stores.push(s);
+        let (f, s) = bulk_run::controller(ctx.clone(), ns, stop.clone());
+        futs.push(f);
+        stores.push(s);
+    }
+    let r = ready.clone();
+    let s2 = stop.clone();
+    tokio::spawn(async move {
+        for s in stores {
+            tokio::select! {
+                r = s => if r.is_err() { return; },
+                _ = s2.cancelled() => return,
+            }
+        }
+        tracing::info!("caches synced; ready");
+        r.set(true);
+    });
+    futures::future::join_all(futs).await;
+}
+
+/// Cancels every run task (their status is persisted; they resume on the next start) and waits.
+pub async fn stop_tasks(ctx: &Context) {
+    let tasks: Vec<RunTask> = {
+        let mut m = ctx.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        m.drain().map(|(_, t)| t).collect()
+    };
+    for t in &tasks {
+        t.cancel.cancel();
+    }
+    for t in tasks {
+        let _ = t.handle.await;
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Drains a controller stream, counting reconciles.
+pub async fn drain<S, T, E>(stream: S)
+where
+    S: futures::Stream<Item = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    stream
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "reconcile loop error");
+            }
+        })
+        .await;
+}

@@ -1,0 +1,339 @@
+//! The one place that builds HTTP clients and decides where credentials may go.
+//!
+//! Rules: the `Authorization` header is only ever attached to requests whose origin equals the origin of
+//! the server's base URL, and only when the caller asks for credentials (a manifest with
+//! `requiresAccessToken: false` does not). Redirects are followed here, hop by hop, so a redirect to
+//! another origin never carries the header. A 401 with a renewable credential renews once and retries once.
+
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue, LOCATION};
+use reqwest::{Method, Response, StatusCode};
+use url::Url;
+
+use crate::auth::{AuthError, AuthProvider};
+
+/// Errors talking to a server. URLs in messages never carry query strings (capability URLs are secrets).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Could not connect, TLS failed, or the connection broke.
+    #[error("cannot reach {url}: {message}")]
+    Transport { url: String, message: String },
+    /// No response headers within the response timeout.
+    #[error("{url} did not answer within {secs}s (timeouts.response)")]
+    Timeout { url: String, secs: u64 },
+    /// The server answered with an unexpected status.
+    #[error("{method} {url} answered {status}: {message}")]
+    Status { method: String, url: String, status: u16, message: String, transient: bool },
+    /// A credential could not be produced.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// The server sent something that breaks the protocol.
+    #[error("{url}: {message}")]
+    Protocol { url: String, message: String },
+    /// The client configuration is unusable.
+    #[error("{0}")]
+    Config(String),
+}
+
+impl Error {
+    /// Whether retrying later may help.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Transport { .. } | Error::Timeout { .. } => true,
+            Error::Status { transient, .. } => *transient,
+            _ => false,
+        }
+    }
+
+    /// The HTTP status, when the error is one.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Error::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// Builds a status error from a response, reading (a bounded part of) its body.
+    pub async fn from_response(method: &Method, resp: Response) -> Self {
+        let status = resp.status();
+        let url = redact(resp.url());
+        let body = read_limited(resp, 64 * 1024).await;
+        let oo = super::outcome::OperationOutcome::parse(&body);
+        let transient = status == StatusCode::TOO_MANY_REQUESTS
+            || status.is_server_error()
+            || status == StatusCode::REQUEST_TIMEOUT
+            || oo.as_ref().is_some_and(|o| o.is_transient());
+        let mut message = super::outcome::describe_body(&body);
+        if message.is_empty() {
+            message = status.canonical_reason().unwrap_or("error").to_string();
+        }
+        Error::Status { method: method.to_string(), url, status: status.as_u16(), message, transient }
+    }
+}
+
+/// Reads at most `limit` bytes of a body (error bodies only).
+pub async fn read_limited(mut resp: Response, limit: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        let room = limit.saturating_sub(out.len());
+        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if out.len() >= limit {
+            break;
+        }
+    }
+    out
+}
+
+/// A URL fit for messages and logs: no query string, no user info.
+pub fn redact(url: &Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    if u.query().is_some() {
+        u.set_query(Some("…"));
+    }
+    u.to_string()
+}
+
+/// Everything needed to talk to one server.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// The server's base URL; its origin is the only one that ever receives credentials.
+    pub base_url: Url,
+    /// Credential provider, if any.
+    pub auth: Option<Arc<dyn AuthProvider>>,
+    /// Extra trusted CA certificates (PEM bundle).
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub client_identity_pem: Option<Vec<u8>>,
+    /// Skip certificate verification.
+    pub insecure_skip_verify: bool,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Time until response headers.
+    pub response_timeout: Duration,
+    /// Longest pause while reading a body.
+    pub idle_timeout: Duration,
+}
+
+impl ClientConfig {
+    /// A configuration with default timeouts and no credentials.
+    pub fn new(base_url: Url) -> Self {
+        Self {
+            base_url,
+            auth: None,
+            ca_pem: None,
+            client_identity_pem: None,
+            insecure_skip_verify: false,
+            connect_timeout: Duration::from_secs(10),
+            response_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Installs the process-wide TLS crypto provider (ring) once.
+pub fn init_tls() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// An HTTP client bound to one server and its credential.
+#[derive(Clone, Debug)]
+pub struct HttpClient {
+    http: reqwest::Client,
+    base: Url,
+    auth: Option<Arc<dyn AuthProvider>>,
+    response_timeout: Duration,
+}
+
+/// One request to send.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: Method,
+    pub url: Url,
+    pub headers: HeaderMap,
+    pub body: Option<Bytes>,
+    /// Attach credentials (only ever to the base URL's origin).
+    pub credentials: bool,
+}
+
+impl Request {
+    /// A request with credentials (for the server's own origin).
+    pub fn new(method: Method, url: Url) -> Self {
+        Self { method, url, headers: HeaderMap::new(), body: None, credentials: true }
+    }
+    /// Adds a header.
+    pub fn header(mut self, name: HeaderName, value: &'static str) -> Self {
+        self.headers.insert(name, HeaderValue::from_static(value));
+        self
+    }
+    /// Sets a body.
+    pub fn body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = Some(body.into());
+        self
+    }
+    /// Whether credentials may be attached.
+    pub fn credentials(mut self, yes: bool) -> Self {
+        self.credentials = yes;
+        self
+    }
+}
+
+const MAX_REDIRECTS: usize = 10;
+
+impl HttpClient {
+    /// Builds a client.
+    pub fn new(cfg: &ClientConfig) -> Result<Self, Error> {
+        init_tls();
+        let mut b = reqwest::Client::builder()
+            .tls_backend_rustls()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(cfg.connect_timeout)
+            .read_timeout(cfg.idle_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .user_agent(concat!("fhirsync/", env!("CARGO_PKG_VERSION")));
+        if let Some(pem) = &cfg.ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| Error::Config(format!("the CA bundle is not valid PEM: {e}")))?;
+            if certs.is_empty() {
+                return Err(Error::Config("the CA bundle holds no certificate".into()));
+            }
+            for c in certs {
+                b = b.add_root_certificate(c);
+            }
+        }
+        if let Some(pem) = &cfg.client_identity_pem {
+            let id = reqwest::Identity::from_pem(pem)
+                .map_err(|e| Error::Config(format!("the client certificate and key are not a valid PEM pair: {e}")))?;
+            b = b.identity(id);
+        }
+        if cfg.insecure_skip_verify {
+            b = b.tls_danger_accept_invalid_certs(true);
+        }
+        let http = b.build().map_err(|e| Error::Config(format!("cannot build HTTP client: {e}")))?;
+        Ok(Self { http, base: cfg.base_url.clone(), auth: cfg.auth.clone(), response_timeout: cfg.response_timeout })
+    }
+
+    /// The server's base URL.
+    pub fn base(&self) -> &Url {
+        &self.base
+    }
+
+    /// `base` joined with a relative path (`Patient/$export`, `$import`), keeping the base's path.
+    pub fn url(&self, path: &str) -> Url {
+        join(&self.base, path)
+    }
+
+    /// Whether `url` has the base URL's origin (scheme, host and port).
+    pub fn same_origin(&self, url: &Url) -> bool {
+        url.origin() == self.base.origin()
+    }
+
+    /// Sends a request, following redirects and renewing a credential once after a 401.
+    pub async fn send(&self, req: Request) -> Result<Response, Error> {
+        let resp = self.send_following(&req).await?;
+        if resp.status() == StatusCode::UNAUTHORIZED
+            && req.credentials
+            && self.same_origin(&req.url)
+            && let Some(auth) = &self.auth
+            && auth.invalidate()
+        {
+            return self.send_following(&req).await;
+        }
+        Ok(resp)
+    }
+
+    async fn send_following(&self, req: &Request) -> Result<Response, Error> {
+        let mut url = req.url.clone();
+        let mut method = req.method.clone();
+        let mut body = req.body.clone();
+        for _ in 0..=MAX_REDIRECTS {
+            let mut rb = self.http.request(method.clone(), url.clone()).headers(req.headers.clone());
+            if req.credentials
+                && url.origin() == self.base.origin()
+                && let Some(auth) = &self.auth
+            {
+                rb = rb.header(AUTHORIZATION, auth.authorization().await?);
+            }
+            if let Some(b) = &body {
+                rb = rb.body(b.clone());
+            }
+            let resp = match tokio::time::timeout(self.response_timeout, rb.send()).await {
+                Err(_) => return Err(Error::Timeout { url: redact(&url), secs: self.response_timeout.as_secs() }),
+                Ok(Err(e)) => return Err(transport(&url, e)),
+                Ok(Ok(r)) => r,
+            };
+            if !resp.status().is_redirection() || resp.status() == StatusCode::NOT_MODIFIED {
+                return Ok(resp);
+            }
+            let Some(loc) = resp.headers().get(LOCATION).and_then(|l| l.to_str().ok()) else {
+                return Ok(resp);
+            };
+            let next = url.join(loc).map_err(|_| Error::Protocol {
+                url: redact(&url),
+                message: "redirect with an invalid Location header".into(),
+            })?;
+            if matches!(resp.status(), StatusCode::SEE_OTHER)
+                || (matches!(resp.status(), StatusCode::MOVED_PERMANENTLY | StatusCode::FOUND)
+                    && method == Method::POST)
+            {
+                method = Method::GET;
+                body = None;
+            }
+            url = next;
+        }
+        Err(Error::Protocol { url: redact(&req.url), message: format!("more than {MAX_REDIRECTS} redirects") })
+    }
+}
+
+fn transport(url: &Url, e: reqwest::Error) -> Error {
+    let e = e.without_url();
+    let mut message = e.to_string();
+    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(&e);
+    while let Some(s) = src {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        src = s.source();
+    }
+    Error::Transport { url: redact(url), message }
+}
+
+/// Joins a relative path onto a base URL, treating the base as a directory.
+pub fn join(base: &Url, path: &str) -> Url {
+    let mut u = base.clone();
+    let p = format!("{}/{}", base.path().trim_end_matches('/'), path.trim_start_matches('/'));
+    u.set_path(&p);
+    u.set_query(None);
+    u
+}
+
+/// Classifies a transport-level error from reading a body stream.
+pub fn body_error(url: &Url, e: reqwest::Error) -> Error {
+    transport(url, e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_keeps_base_path() {
+        let b = Url::parse("http://h:1/fhir/").unwrap();
+        assert_eq!(join(&b, "$export").as_str(), "http://h:1/fhir/$export");
+        let b = Url::parse("http://h:1/fhir").unwrap();
+        assert_eq!(join(&b, "Group/g1/$export").as_str(), "http://h:1/fhir/Group/g1/$export");
+    }
+
+    #[test]
+    fn redact_drops_query_and_userinfo() {
+        let u = Url::parse("https://u:p@blob.example/f.ndjson?sig=SECRET").unwrap();
+        let r = redact(&u);
+        assert!(!r.contains("SECRET") && !r.contains("u:p"), "{r}");
+    }
+}

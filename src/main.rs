@@ -1,0 +1,66 @@
+use clap::{Parser, Subcommand};
+
+use fhirsync::cli::sync_once;
+use fhirsync::telemetry::{self, LogFormat};
+
+/// fhirsync: keeps a Pathling FHIR analytics server in sync with clinical FHIR servers.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the operator against the cluster in KUBECONFIG (or in-cluster).
+    Run(Box<fhirsync::controller::RunArgs>),
+    /// Print all CRDs as YAML.
+    Crds,
+    /// One run of the BulkExportSync in FILE, without a cluster.
+    SyncOnce {
+        #[command(flatten)]
+        args: sync_once::Args,
+        /// Log format.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+        /// Log level (tracing EnvFilter directive).
+        #[arg(long, default_value = "warn")]
+        log_level: String,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Crds => match fhirsync::api::crds_yaml() {
+            Ok(y) => {
+                print!("{y}");
+                0
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                1
+            }
+        },
+        Command::SyncOnce { args, log_format, log_level } => {
+            telemetry::init(log_format, &log_level);
+            runtime().block_on(sync_once::run(args))
+        }
+        Command::Run(args) => {
+            telemetry::init(args.log_format, &args.log_level);
+            runtime().block_on(fhirsync::controller::run(*args))
+        }
+    };
+    std::process::exit(code);
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Staging on a filesystem shared with Pathling.
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use tokio::io::AsyncWriteExt;
+
+use super::{StagedWriter, Staging, StagingError, join_url};
+
+/// `path/<namespace>/<run>/` on a volume Pathling also mounts.
+pub struct VolumeStaging {
+    dir: PathBuf,
+    pathling_base: String,
+}
+
+impl VolumeStaging {
+    /// A run area `root/namespace/run`, which Pathling sees under `pathling_root/namespace/run`.
+    pub fn new(root: &str, pathling_root: &str, namespace: &str, run: &str) -> Self {
+        Self {
+            dir: PathBuf::from(root).join(namespace).join(run),
+            pathling_base: join_url(pathling_root, &[namespace, run]),
+        }
+    }
+
+    fn io(&self, e: std::io::Error) -> StagingError {
+        StagingError::Io { path: self.dir.display().to_string(), source: e }
+    }
+}
+
+const PARTIAL: &str = ".partial";
+
+struct FileWriter {
+    file: tokio::io::BufWriter<tokio::fs::File>,
+    tmp: PathBuf,
+    dest: PathBuf,
+}
+
+impl StagedWriter for FileWriter {
+    fn write(&mut self, chunk: Bytes) -> BoxFuture<'_, Result<(), StagingError>> {
+        Box::pin(async move {
+            self.file
+                .write_all(&chunk)
+                .await
+                .map_err(|e| StagingError::Io { path: self.tmp.display().to_string(), source: e })
+        })
+    }
+
+    fn finish(self: Box<Self>) -> BoxFuture<'static, Result<(), StagingError>> {
+        Box::pin(async move {
+            let FileWriter { mut file, tmp, dest } = *self;
+            let err = |e| StagingError::Io { path: dest.display().to_string(), source: e };
+            file.flush().await.map_err(err)?;
+            file.get_mut().sync_all().await.map_err(err)?;
+            drop(file);
+            tokio::fs::rename(&tmp, &dest).await.map_err(err)
+        })
+    }
+
+    fn abort(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let FileWriter { file, tmp, .. } = *self;
+            drop(file);
+            let _ = tokio::fs::remove_file(&tmp).await;
+        })
+    }
+}
+
+impl Staging for VolumeStaging {
+    fn create(&self, name: &str) -> BoxFuture<'_, Result<Box<dyn StagedWriter>, StagingError>> {
+        let dest = self.dir.join(name);
+        let tmp = self.dir.join(format!(".{name}{PARTIAL}"));
+        Box::pin(async move {
+            tokio::fs::create_dir_all(&self.dir).await.map_err(|e| self.io(e))?;
+            let f = tokio::fs::File::create(&tmp).await.map_err(|e| self.io(e))?;
+            let w: Box<dyn StagedWriter> =
+                Box::new(FileWriter { file: tokio::io::BufWriter::with_capacity(256 * 1024, f), tmp, dest });
+            Ok(w)
+        })
+    }
+
+    fn exists(&self, name: &str) -> BoxFuture<'_, Result<bool, StagingError>> {
+        let p = self.dir.join(name);
+        Box::pin(async move { tokio::fs::try_exists(&p).await.map_err(|e| self.io(e)) })
+    }
+
+    fn read(&self, name: &str) -> BoxFuture<'_, Result<BoxStream<'static, Result<Bytes, StagingError>>, StagingError>> {
+        let p = self.dir.join(name);
+        Box::pin(async move {
+            let f = tokio::fs::File::open(&p).await.map_err(|e| self.io(e))?;
+            let path = p.display().to_string();
+            let s = tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024)
+                .map_err(move |e| StagingError::Io { path: path.clone(), source: e });
+            Ok(s.boxed())
+        })
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<String>, StagingError>> {
+        Box::pin(async move {
+            let mut out = vec![];
+            let mut rd = match tokio::fs::read_dir(&self.dir).await {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+                Err(e) => return Err(self.io(e)),
+            };
+            while let Some(e) = rd.next_entry().await.map_err(|e| self.io(e))? {
+                let n = e.file_name().to_string_lossy().to_string();
+                if !n.starts_with('.') {
+                    out.push(n);
+                }
+            }
+            out.sort();
+            Ok(out)
+        })
+    }
+
+    fn remove_all(&self) -> BoxFuture<'_, Result<(), StagingError>> {
+        Box::pin(async move {
+            match tokio::fs::remove_dir_all(&self.dir).await {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(self.io(e)),
+            }
+        })
+    }
+
+    fn pathling_url(&self, name: &str) -> String {
+        join_url(&self.pathling_base, &[name])
+    }
+}

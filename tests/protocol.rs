@@ -1,0 +1,448 @@
+//! The run engine against in-process doubles of a bulk-data source and of Pathling.
+
+mod support;
+
+use std::time::Duration;
+
+use fhirsync::api::{BulkExportRunStatus, BulkExportSync, Phase};
+use fhirsync::run::{self, Engine, KeyedLocks, Options, Persist};
+use fhirsync::secrets::DirSecrets;
+use support::pathling::{FakePathling, PathlingConfig};
+use support::source::{FakeSource, PollQuirk, SourceConfig, delete_bundle, resources};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const AUTH: &str = ", auth: {bearerToken: {tokenRef: {name: src, key: token}}}";
+
+struct Env {
+    source: FakeSource,
+    pathling: FakePathling,
+    dir: tempfile::TempDir,
+    extra: String,
+    source_auth: String,
+}
+
+impl Env {
+    async fn new(cfg: SourceConfig) -> Self {
+        Self::with(cfg, PathlingConfig::default()).await
+    }
+
+    async fn with(cfg: SourceConfig, mut pcfg: PathlingConfig) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        pcfg.roots.push(("file:///pathling-staging".into(), dir.path().join("staging")));
+        Self {
+            source: FakeSource::start(cfg).await,
+            pathling: FakePathling::start(pcfg).await,
+            dir,
+            extra: String::new(),
+            source_auth: String::new(),
+        }
+    }
+
+    fn staging(&self) -> std::path::PathBuf {
+        self.dir.path().join("staging")
+    }
+
+    fn sync(&self) -> BulkExportSync {
+        let yaml = format!(
+            r#"apiVersion: fhirsync.io/v1alpha1
+kind: BulkExportSync
+metadata: {{name: hospital-a, namespace: ns1}}
+spec:
+  source: {{url: "{}"{}}}
+  target: {{url: "{}"}}
+  staging: {{volume: {{path: "{}", pathlingPath: "file:///pathling-staging"}}}}
+  maxParallelDownloads: 3
+{}"#,
+            self.source.base,
+            self.source_auth,
+            self.pathling.base,
+            self.staging().display(),
+            self.extra
+        );
+        serde_yaml::from_str(&yaml).unwrap()
+    }
+
+    async fn engine(&self, run: &str, since: Option<jiff::Timestamp>) -> Result<Engine, run::Failure> {
+        self.engine_with(run, since, KeyedLocks::default()).await
+    }
+
+    async fn engine_with(
+        &self,
+        run: &str,
+        since: Option<jiff::Timestamp>,
+        locks: KeyedLocks,
+    ) -> Result<Engine, run::Failure> {
+        let sync = self.sync();
+        let secrets = DirSecrets::new(self.dir.path().join("secrets"));
+        let setup = run::resolve::setup(&sync.spec, "ns1", run, since, &secrets, &Options::default()).await?;
+        Ok(Engine { setup, locks, id: format!("ns1/{run}"), backoff_scale: 0.002 })
+    }
+
+    fn secret(&self, name: &str, key: &str, value: &str) {
+        let d = self.dir.path().join("secrets").join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(key), value).unwrap();
+    }
+}
+
+/// Keeps every persisted status, like the API server would.
+#[derive(Default)]
+struct Saved(Vec<BulkExportRunStatus>);
+
+impl Persist for Saved {
+    async fn save(&mut self, st: &BulkExportRunStatus) -> Result<(), String> {
+        self.0.push(st.clone());
+        Ok(())
+    }
+}
+
+async fn drive(engine: &Engine, st: &mut BulkExportRunStatus) -> Saved {
+    let mut saved = Saved::default();
+    let (tx, _rx) = watch::channel(st.clone());
+    tokio::time::timeout(Duration::from_secs(60), run::drive(engine, st, &mut saved, &tx, &CancellationToken::new()))
+        .await
+        .expect("run did not finish in time")
+        .expect("drive");
+    saved
+}
+
+async fn run_once(env: &Env) -> BulkExportRunStatus {
+    let engine = env.engine("r1", None).await.expect("setup");
+    let mut st = BulkExportRunStatus::default();
+    drive(&engine, &mut st).await;
+    st
+}
+
+fn two_types() -> SourceConfig {
+    SourceConfig {
+        files: vec![
+            ("Patient".into(), resources("Patient", "p", 24)),
+            ("Observation".into(), resources("Observation", "o", 100)),
+            ("Observation".into(), resources("Observation", "o2-", 17)),
+        ],
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn full_export_lands_in_pathling_and_cleans_up() {
+    let env = Env::new(two_types()).await;
+    let st = run_once(&env).await;
+    assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
+    assert_eq!(st.resources.get("Patient"), Some(&24));
+    assert_eq!(st.resources.get("Observation"), Some(&117));
+    assert_eq!(st.resource_count, Some(141));
+    assert_eq!(st.files.as_ref().unwrap().staged, 3);
+    assert!(st.bytes > 0);
+    // Pathling got everything, through one well-formed import
+    assert_eq!(env.pathling.counts().get("Patient"), Some(&24));
+    assert_eq!(env.pathling.counts().get("Observation"), Some(&117));
+    let log = env.pathling.log();
+    assert!(log.rejected.is_empty(), "{:?}", log.rejected);
+    assert_eq!(log.imports.len(), 1);
+    let imp = &log.imports[0];
+    assert_eq!(imp.save_mode, "merge");
+    assert_eq!(imp.input_format, "application/fhir+ndjson");
+    assert_eq!(imp.inputs.len(), 3);
+    for (_, url) in &imp.inputs {
+        assert!(url.starts_with("file:///pathling-staging/ns1/r1/") && url.ends_with(".ndjson"), "{url}");
+    }
+    // the source saw a proper kick-off, and the export was released
+    let s = env.source.log();
+    assert_eq!(s.kickoffs.len(), 1);
+    assert_eq!(s.kickoffs[0].prefer.as_deref(), Some("respond-async"));
+    assert_eq!(s.kickoffs[0].accept.as_deref(), Some("application/fhir+json"));
+    assert_eq!(s.kickoffs[0].param("_since"), None);
+    assert_eq!(s.status_deletes, vec!["job1".to_string()]);
+    // staging is empty afterwards
+    assert!(!env.staging().join("ns1").join("r1").exists());
+    // watermark: min(transactionTime, kickoff) - overlap
+    let w = run::next_watermark(&st, Duration::from_secs(300)).unwrap();
+    assert!(w < st.kickoff_time.as_ref().unwrap().0);
+}
+
+#[tokio::test]
+async fn kickoff_parameters_and_since() {
+    let mut env = Env::new(two_types()).await;
+    env.extra = "  export:\n    level: Group\n    groupId: cohort-1\n    types: [Patient, Observation]\n    typeFilters: [\"Observation?status=final,amended\"]\n".into();
+    let since: jiff::Timestamp = "2026-11-20T00:00:00Z".parse().unwrap();
+    let engine = env.engine("r1", Some(since)).await.unwrap();
+    let mut st = BulkExportRunStatus::default();
+    drive(&engine, &mut st).await;
+    assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
+    let k = &env.source.log().kickoffs[0];
+    assert_eq!(k.path, "Group/cohort-1/$export");
+    assert_eq!(k.param("_since").as_deref(), Some("2026-11-20T00:00:00Z"));
+    assert_eq!(k.param("_type").as_deref(), Some("Patient,Observation"));
+    assert_eq!(k.param("_typeFilter").as_deref(), Some("Observation?status=final%2Camended"));
+    assert_eq!(k.param("_outputFormat").as_deref(), Some("application/fhir+ndjson"));
+}
+
+#[tokio::test]
+async fn retry_after_as_seconds_http_date_and_epoch() {
+    let soon = std::time::SystemTime::now() + Duration::from_secs(2);
+    let epoch = soon.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs().to_string();
+    let cfg = SourceConfig {
+        kickoff_429: vec!["1".into(), httpdate::fmt_http_date(soon), epoch],
+        poll_quirks: vec![PollQuirk::TooMany("1".into())],
+        ..two_types()
+    };
+    let env = Env::new(cfg).await;
+    let st = run_once(&env).await;
+    assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
+    let log = env.source.log();
+    assert_eq!(log.kickoffs.len(), 4, "three 429s, then accepted");
+    assert_eq!(log.accepted, 1);
+}
+
+#[tokio::test]
+async fn transient_poll_errors_are_retried() {
+    let cfg = SourceConfig {
+        poll_quirks: vec![PollQuirk::ServerError, PollQuirk::TransientOutcome, PollQuirk::ServerError],
+        ..two_types()
+    };
+    let env = Env::new(cfg).await;
+    let st = run_once(&env).await;
+    assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
+    assert_eq!(env.pathling.counts().get("Patient"), Some(&24));
+}
+
+#[tokio::test]
+async fn a_cancelled_job_answering_202_forever_fails_the_run() {
+    let cfg = SourceConfig { cancelled_forever: true, ..two_types() };
+    let env = Env::new(cfg).await;
+    let st = run_once(&env).await;
+    assert_eq!(st.phase, Phase::Failed);
+    assert_eq!(st.reason.as_deref(), Some("ExportFailed"));
+    assert!(st.message.as_deref().unwrap().contains("Cancelled"), "{:?}", st.message);
+    assert!(env.pathling.log().imports.is_empty());
+}
+
+#[tokio::test]
+async fn run_timeout_stops_a_run_that_never_finishes() {
+    let mut env = Env::new(SourceConfig { polls_before_done: u32::MAX, ..two_types() }).await;
+    env.extra = "  runTimeout: 1s\n".into();
+    let st = run_once(&env).await;
+    assert_eq!(st.phase, Phase::Failed);
+    assert_eq!(st.reason.as_deref(), Some("RunTimeout"));
+    // the export was cancelled on the source
+    assert_eq!(env.source.log().status_deletes.len(), 1);
+}
+
+#[tokio::test]
+async fn a_count_mismatch_fails_the_transfer_with_a_clear_message() {
+    let env = Env::new(SourceConfig { wrong_count: Some(1), ..two_types() }).await;
+    let st = run_once(&env).await;
+    assert_eq!(st.phase, Phase::Failed);
+    assert_eq!(st.reason.as_deref(), Some("TransferFailed"));
+    let m = st.message.unwrap();
+    assert!(m.contains("101") && m.contains("100 arrived"), "{m}");
+    assert!(env.pathling.log().imports.is_empty(), "nothing imported from a bad transfer");
+    assert!(!env.staging().join("ns1").join("r1").exists(), "staging cleaned after failure");
+}
+
+#[tokio::test]
+async fn a_download_cut_midway_is_retried() {
+    let env = Env::new(SourceConfig { cut_first_download: true, ..two_types() }).await;
+    let st = run_once(&env).await;
+    assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
+    assert_eq!(env.pathling.counts().get("Observation"), Some(&117));
+    let downloads = env.source.log().downloads;
+    assert_eq!(downloads.iter().filter(|(n, _)| n == "out-1.ndjson").count(), 2);
+}
+
+#[tokio::test]
+async fn gzip_files_are_decoded() {
+    let env = Env::new(SourceConfig { gzip: true, ..two_types() }).await;
+    let st = run_once(&env).await;
+    assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
+    assert_eq!(st.resources.get("Observation"), Some(&117));
+    assert_eq!(env.pathling.counts().get("Observation"), Some(&117));
+}
+
+#[tokio::test]
+async fn deleted_entries_are_replayed_and_404_counts_as_done() {
+    let cfg = SourceConfig {
+        deleted: vec![vec![
+            delete_bundle(&["Patient/gone-1", "Patient/gone-2"]),
+            delete_bundle(&["Observation/never-existed"]),
+        ]],
+        ..two_types()
+    };
+    let env = Env::new(cfg).await;
+    env.pathling.insert("Patient", "gone-1", serde_json::json!({"resourceType":"Patient","id":"gone-1"}));
+    env.pathling.insert("Patient", "gone-2", serde_json::json!({"resourceType":"Patient","id":"gone-2"}));
+    let st = run_once(&env).await;
+    assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
+    assert_eq!(st.deleted, 3);
+    let ids = env.pathling.ids("Patient");
+    assert!(!ids.contains(&"gone-1".to_string()) && !ids.contains(&"gone-2".to_string()));
+    assert_eq!(ids.len(), 24);
+    // deleted[] bundles are never imported as data
+    assert!(env.pathling.log().imports[0].inputs.iter().all(|(t, _)| t != "Bundle"));
+}
+
+#[tokio::test]
+async fn export_errors_do_not_fail_the_run() {
+    let oo = |d: &str| {
+        serde_json::json!({"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"processing","diagnostics":d}]}).to_string()
+    };
+    let cfg = SourceConfig {
+        errors: vec![vec![oo("Observation/9 could not be serialized"), oo("second problem")]],
+        ..two_types()
+    };
+    let env = Env::new(cfg).await;
+    let st = run_once(&env).await;
+    assert_eq!(st.phase, Phase::Succeeded);
+    assert_eq!(st.export_errors, 2);
+    assert_eq!(st.reason.as_deref(), Some("PartialExport"));
+    assert!(st.message.as_deref().unwrap().contains("Observation/9 could not be serialized"), "{:?}", st.message);
+    assert!(st.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "True" && c.reason == "PartialExport"));
+    assert_eq!(env.pathling.counts().get("Patient"), Some(&24));
+}
+
+#[tokio::test]
+async fn pathling_busy_lost_jobs_and_503_from_job_are_survived() {
+    let pcfg =
+        PathlingConfig { busy_kickoffs: 2, busy_polls: 1, lose_job_once: false, job_polls: 2, ..Default::default() };
+    let env = Env::with(two_types(), pcfg).await;
+    let st = run_once(&env).await;
+    assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
+    let log = env.pathling.log();
+    assert_eq!(log.completed_imports, 1);
+    assert!(log.job_deletes >= 1, "the job refused with 503 is deleted before resubmitting");
+    assert_eq!(log.imports.len(), 2, "accepted twice: the 503'd job and the resubmission");
+
+    let pcfg = PathlingConfig { lose_job_once: true, job_polls: 1, ..Default::default() };
+    let env = Env::with(two_types(), pcfg).await;
+    let st = run_once(&env).await;
+    assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
+    assert_eq!(env.pathling.log().imports.len(), 2, "a lost job (404) is resubmitted");
+    assert_eq!(env.pathling.counts().get("Patient"), Some(&24));
+}
+
+#[tokio::test]
+async fn a_failed_import_fails_the_run_and_forgets_the_job() {
+    let pcfg = PathlingConfig { fail_import: Some((400, "bad data".into())), ..Default::default() };
+    let env = Env::with(two_types(), pcfg).await;
+    let st = run_once(&env).await;
+    assert_eq!(st.phase, Phase::Failed);
+    assert_eq!(st.reason.as_deref(), Some("ImportFailed"));
+    assert!(st.message.as_deref().unwrap().contains("bad data"));
+    assert!(env.pathling.log().job_deletes >= 1);
+}
+
+#[tokio::test]
+async fn a_restarted_run_resumes_polling_the_same_export() {
+    let env = Env::new(SourceConfig { polls_before_done: 4, ..two_types() }).await;
+    let engine = env.engine("r1", None).await.unwrap();
+    let mut st = BulkExportRunStatus::default();
+    let mut saved = Saved::default();
+    let (tx, _rx) = watch::channel(st.clone());
+    let cancel = CancellationToken::new();
+    let c2 = cancel.clone();
+    let src = env.source.clone();
+    tokio::spawn(async move {
+        src.wait_for(|l| l.polls >= 2).await;
+        c2.cancel(); // the "operator" dies mid-poll
+    });
+    let r = run::drive(&engine, &mut st, &mut saved, &tx, &cancel).await;
+    assert!(matches!(r, Err(run::DriveError::Cancelled)));
+    drop(engine);
+    // a new process starts from the last persisted status
+    let mut st = saved.0.last().unwrap().clone();
+    assert_eq!(st.phase, Phase::Exporting);
+    let url = st.export_status_url.clone().unwrap();
+    let engine = env.engine("r1", None).await.unwrap();
+    drive(&engine, &mut st).await;
+    assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
+    assert_eq!(st.export_status_url.as_deref(), Some(url.as_str()));
+    let log = env.source.log();
+    assert_eq!(log.accepted, 1, "no second export");
+    assert_eq!(env.pathling.log().imports.len(), 1, "imported once");
+    assert_eq!(env.pathling.counts().get("Observation"), Some(&117));
+}
+
+#[tokio::test]
+async fn a_resumed_transfer_keeps_files_already_staged() {
+    let env = Env::new(two_types()).await;
+    // first process: export finished, file 0 staged, then a crash before anything else
+    let engine = env.engine("r1", None).await.unwrap();
+    let mut st = BulkExportRunStatus::default();
+    let mut mem = run::Memory::default();
+    let (tx, _rx) = watch::channel(st.clone());
+    while st.phase != Phase::Transferring {
+        engine.step(&mut st, &mut mem, &tx).await;
+    }
+    let dir = env.staging().join("ns1").join("r1");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut body = resources("Patient", "p", 24).join("\n");
+    body.push('\n');
+    std::fs::write(dir.join("Patient.00000.ndjson"), body).unwrap();
+    std::fs::write(dir.join(".Observation.00001.ndjson.partial"), "{\"half").unwrap();
+    drop((engine, mem));
+    let engine = env.engine("r1", None).await.unwrap();
+    drive(&engine, &mut st).await;
+    assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
+    assert_eq!(st.resources.get("Patient"), Some(&24), "the staged file is counted");
+    let d = env.source.log().downloads;
+    assert!(!d.iter().any(|(n, _)| n == "out-0.ndjson"), "the staged file is not downloaded again: {d:?}");
+    assert!(d.iter().any(|(n, _)| n == "out-1.ndjson"));
+    assert_eq!(env.pathling.counts().get("Observation"), Some(&117));
+}
+
+#[tokio::test]
+async fn one_export_at_a_time_per_source_credential() {
+    let env = Env::new(SourceConfig { polls_before_done: 2, ..two_types() }).await;
+    let locks = KeyedLocks::default();
+    let e1 = env.engine_with("r1", None, locks.clone()).await.unwrap();
+    let e2 = env.engine_with("r2", None, locks.clone()).await.unwrap();
+    let (mut s1, mut s2) = (BulkExportRunStatus::default(), BulkExportRunStatus::default());
+    let (a, b) = tokio::join!(drive(&e1, &mut s1), drive(&e2, &mut s2));
+    drop((a, b));
+    assert_eq!(s1.phase, Phase::Succeeded, "{:?}", s1.message);
+    assert_eq!(s2.phase, Phase::Succeeded, "{:?}", s2.message);
+    let log = env.source.log();
+    assert_eq!(log.max_active_exports, 1);
+    assert_eq!(log.accepted, 2);
+    assert_eq!(log.kickoffs.len(), 2, "the second run waited instead of hammering the source");
+    assert_eq!(env.pathling.log().max_concurrent_imports, 1);
+}
+
+#[tokio::test]
+async fn bearer_token_from_a_secret_and_none_on_capability_urls() {
+    let cfg = SourceConfig { bearer: Some("s3cr3t".into()), requires_token: false, ..two_types() };
+    let mut env = Env::new(cfg).await;
+    env.secret("src", "token", "s3cr3t\n");
+    env.source_auth = AUTH.into();
+    let st = run_once(&env).await;
+    assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
+    let log = env.source.log();
+    assert_eq!(log.unauthorized, 0);
+    assert!(log.downloads.iter().all(|(_, auth)| !auth), "requiresAccessToken false: no token on file downloads");
+}
+
+#[tokio::test]
+async fn a_missing_secret_is_an_auth_failure_naming_the_secret() {
+    let mut env = Env::new(two_types()).await;
+    env.source_auth = AUTH.into();
+    let err = env.engine("r1", None).await.err().expect("setup must fail");
+    assert_eq!(err.reason, run::Reason::AuthFailed);
+    assert!(err.message.contains("ns1/src") && err.message.contains("not found"), "{}", err.message);
+    env.secret("src", "other", "x");
+    let err = env.engine("r1", None).await.err().expect("setup must fail");
+    assert!(err.message.contains("no key \"token\""), "{}", err.message);
+}
+
+#[tokio::test]
+async fn wrong_token_is_reported_as_auth_failed() {
+    let cfg = SourceConfig { bearer: Some("right".into()), ..two_types() };
+    let mut env = Env::new(cfg).await;
+    env.secret("src", "token", "wrong");
+    env.source_auth = AUTH.into();
+    let st = run_once(&env).await;
+    assert_eq!(st.phase, Phase::Failed);
+    assert_eq!(st.reason.as_deref(), Some("AuthFailed"));
+    assert!(!st.message.as_deref().unwrap().contains("wrong"), "the token never appears in messages");
+}

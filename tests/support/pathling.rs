@@ -1,0 +1,439 @@
+//! A Pathling server emulator written for the tests: `$import` / `$job` / `$import-pnp` / `PUT` /
+//! `DELETE`, checking the request shapes Pathling's code accepts (Prefer: respond-async, Parameters with
+//! valueCode/valueUrl, explicit saveMode, `.ndjson` URLs under allowable sources), one import at a time
+//! (503 for a concurrent one), and a 404 for a job it lost.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+/// How the emulator behaves.
+#[derive(Clone, Debug, Default)]
+pub struct PathlingConfig {
+    /// URL prefix → local directory (e.g. `file:///staging` → `/tmp/x`), like allowableSources.
+    pub roots: Vec<(String, std::path::PathBuf)>,
+    /// `$job` polls answering 202 before the result.
+    pub job_polls: u32,
+    /// The first kick-offs answer 503 (another import running elsewhere).
+    pub busy_kickoffs: u32,
+    /// The first `$job` polls answer 503 (the queued job lost the race).
+    pub busy_polls: u32,
+    /// The first `$job` poll answers 404 (Pathling restarted and forgot the job).
+    pub lose_job_once: bool,
+    /// Imports fail with this status and message.
+    pub fail_import: Option<(u16, String)>,
+    /// When set, requests need `Authorization: Bearer <token>`.
+    pub bearer: Option<String>,
+}
+
+/// A received `$import`.
+#[derive(Clone, Debug)]
+pub struct ImportRecord {
+    pub save_mode: String,
+    pub input_format: String,
+    pub inputs: Vec<(String, String)>,
+}
+
+/// What the emulator saw.
+#[derive(Clone, Debug, Default)]
+pub struct PathlingLog {
+    pub imports: Vec<ImportRecord>,
+    pub pnp: Vec<Value>,
+    pub rejected: Vec<String>,
+    pub job_polls: u32,
+    pub job_deletes: u32,
+    pub completed_imports: u32,
+    pub resource_deletes: Vec<String>,
+    pub puts: Vec<String>,
+    pub max_concurrent_imports: u32,
+}
+
+struct Job {
+    polls: u32,
+    import: ImportRecord,
+    busy: bool,
+}
+
+struct Inner {
+    cfg: PathlingConfig,
+    log: PathlingLog,
+    jobs: HashMap<String, Job>,
+    running: u32,
+    next: u32,
+    /// type → id → resource
+    data: BTreeMap<String, BTreeMap<String, Value>>,
+}
+
+/// A running emulator.
+#[derive(Clone)]
+pub struct FakePathling {
+    inner: Arc<Mutex<Inner>>,
+    changed: watch::Sender<u64>,
+    pub base: String,
+}
+
+impl FakePathling {
+    /// Starts the emulator on a loopback port.
+    pub async fn start(cfg: PathlingConfig) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (changed, _) = watch::channel(0);
+        let me = Self {
+            inner: Arc::new(Mutex::new(Inner {
+                cfg,
+                log: PathlingLog::default(),
+                jobs: HashMap::new(),
+                running: 0,
+                next: 0,
+                data: BTreeMap::new(),
+            })),
+            changed,
+            base: format!("http://{addr}/fhir"),
+        };
+        let app = Router::new()
+            .route("/fhir/$import", post(import))
+            .route("/fhir/$import-pnp", post(import_pnp))
+            .route("/fhir/$job", get(job).delete(delete_job))
+            .route("/fhir/{t}/{id}", put(put_resource).delete(delete_resource).get(get_resource))
+            .with_state(me.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+        me
+    }
+
+    pub fn log(&self) -> PathlingLog {
+        self.inner.lock().unwrap().log.clone()
+    }
+
+    pub fn configure(&self, f: impl FnOnce(&mut PathlingConfig)) {
+        f(&mut self.inner.lock().unwrap().cfg);
+    }
+
+    /// Ids stored for a type.
+    pub fn ids(&self, t: &str) -> Vec<String> {
+        self.inner.lock().unwrap().data.get(t).map(|m| m.keys().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Resources stored per type.
+    pub fn counts(&self) -> BTreeMap<String, usize> {
+        self.inner.lock().unwrap().data.iter().map(|(k, v)| (k.clone(), v.len())).collect()
+    }
+
+    /// Seeds a resource.
+    pub fn insert(&self, t: &str, id: &str, v: Value) {
+        self.inner.lock().unwrap().data.entry(t.into()).or_default().insert(id.into(), v);
+    }
+
+    /// Waits until `pred` holds (woken by every request).
+    pub async fn wait_for(&self, pred: impl Fn(&PathlingLog) -> bool) -> PathlingLog {
+        let mut rx = self.changed.subscribe();
+        loop {
+            {
+                let l = self.log();
+                if pred(&l) {
+                    return l;
+                }
+            }
+            rx.changed().await.expect("emulator stopped");
+        }
+    }
+
+    fn touch(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+}
+
+fn oo(code: &str, diag: &str) -> String {
+    json!({"resourceType":"OperationOutcome","issue":[{"severity":"error","code":code,"diagnostics":diag}]}).to_string()
+}
+
+fn check_auth(i: &Inner, headers: &HeaderMap) -> Option<Response> {
+    let want = i.cfg.bearer.as_ref()?;
+    let got = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if got == format!("Bearer {want}") {
+        None
+    } else {
+        Some((StatusCode::UNAUTHORIZED, oo("login", "bad token")).into_response())
+    }
+}
+
+fn parse_import(body: &[u8]) -> Result<ImportRecord, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    if v["resourceType"] != "Parameters" {
+        return Err("body is not a Parameters resource".into());
+    }
+    let mut rec = ImportRecord { save_mode: String::new(), input_format: String::new(), inputs: vec![] };
+    for p in v["parameter"].as_array().ok_or("no parameter array")? {
+        match p["name"].as_str() {
+            Some("saveMode") => rec.save_mode = p["valueCode"].as_str().ok_or("saveMode must be a valueCode")?.into(),
+            Some("inputFormat") => {
+                rec.input_format = p["valueCode"].as_str().ok_or("inputFormat must be a valueCode")?.into()
+            }
+            Some("input") => {
+                let parts = p["part"].as_array().ok_or("input without parts")?;
+                let t = parts
+                    .iter()
+                    .find(|x| x["name"] == "resourceType")
+                    .and_then(|x| x["valueCode"].as_str())
+                    .ok_or("input.resourceType must be a valueCode")?;
+                let u = parts
+                    .iter()
+                    .find(|x| x["name"] == "url")
+                    .and_then(|x| x["valueUrl"].as_str())
+                    .ok_or("input.url must be a valueUrl")?;
+                rec.inputs.push((t.into(), u.into()));
+            }
+            Some(other) => return Err(format!("unknown parameter {other}")),
+            None => return Err("parameter without name".into()),
+        }
+    }
+    if rec.save_mode.is_empty() {
+        return Err("saveMode missing (fhirsync must always send it)".into());
+    }
+    Ok(rec)
+}
+
+async fn import(State(s): State<FakePathling>, headers: HeaderMap, body: Bytes) -> Response {
+    let r = {
+        let mut i = s.inner.lock().unwrap();
+        if let Some(r) = check_auth(&i, &headers) {
+            r
+        } else if headers.get("prefer").and_then(|v| v.to_str().ok()) != Some("respond-async") {
+            i.log.rejected.push("missing Prefer: respond-async".into());
+            (StatusCode::BAD_REQUEST, oo("invalid", "Prefer: respond-async is mandatory")).into_response()
+        } else if headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) != Some("application/fhir+json") {
+            i.log.rejected.push("wrong content type".into());
+            (StatusCode::UNSUPPORTED_MEDIA_TYPE, oo("invalid", "content type")).into_response()
+        } else {
+            match parse_import(&body) {
+                Err(e) => {
+                    i.log.rejected.push(e.clone());
+                    (StatusCode::BAD_REQUEST, oo("invalid", &e)).into_response()
+                }
+                Ok(rec) => {
+                    if i.cfg.busy_kickoffs > 0 || i.running > 0 {
+                        i.cfg.busy_kickoffs = i.cfg.busy_kickoffs.saturating_sub(1);
+                        (StatusCode::SERVICE_UNAVAILABLE, oo("transient", "another import is in progress"))
+                            .into_response()
+                    } else {
+                        i.next += 1;
+                        let id = format!("j{}", i.next);
+                        i.log.imports.push(rec.clone());
+                        i.running += 1;
+                        i.log.max_concurrent_imports = i.log.max_concurrent_imports.max(i.running);
+                        i.jobs.insert(id.clone(), Job { polls: 0, import: rec, busy: false });
+                        let loc = format!("{}/$job?id={id}", s.base);
+                        (StatusCode::ACCEPTED, [(header::CONTENT_LOCATION, loc)], "").into_response()
+                    }
+                }
+            }
+        }
+    };
+    s.touch();
+    r
+}
+
+async fn import_pnp(State(s): State<FakePathling>, headers: HeaderMap, body: Bytes) -> Response {
+    let r = {
+        let mut i = s.inner.lock().unwrap();
+        if let Some(r) = check_auth(&i, &headers) {
+            r
+        } else {
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            i.log.pnp.push(v);
+            i.next += 1;
+            let id = format!("j{}", i.next);
+            i.running += 1;
+            i.jobs.insert(
+                id.clone(),
+                Job {
+                    polls: 0,
+                    import: ImportRecord { save_mode: "merge".into(), input_format: String::new(), inputs: vec![] },
+                    busy: false,
+                },
+            );
+            (StatusCode::ACCEPTED, [(header::CONTENT_LOCATION, format!("{}/$job?id={id}", s.base))], "").into_response()
+        }
+    };
+    s.touch();
+    r
+}
+
+fn local_path(cfg: &PathlingConfig, url: &str) -> Option<std::path::PathBuf> {
+    cfg.roots
+        .iter()
+        .find_map(|(prefix, dir)| url.strip_prefix(prefix.as_str()).map(|rest| dir.join(rest.trim_start_matches('/'))))
+}
+
+/// Reads the job's files into the store (merge = upsert on id). Errors become the job's failure.
+fn apply_import(i: &mut Inner, rec: &ImportRecord) -> Result<(), (u16, String)> {
+    for (t, url) in &rec.inputs {
+        if !url.ends_with(".ndjson") {
+            continue; // Pathling silently skips other names
+        }
+        let path = local_path(&i.cfg, url).ok_or((403, format!("{url} is not under an allowable source")))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| (400, format!("cannot read {url}: {e}")))?;
+        let table = i.data.entry(t.clone()).or_default();
+        if rec.save_mode == "overwrite" {
+            table.clear();
+        }
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let v: Value = serde_json::from_str(line).map_err(|e| (400, format!("bad NDJSON in {url}: {e}")))?;
+            let id = v["id"].as_str().unwrap_or_default().to_string();
+            table.insert(id, v);
+        }
+    }
+    Ok(())
+}
+
+#[derive(serde::Deserialize)]
+struct JobQ {
+    id: String,
+}
+
+async fn job(State(s): State<FakePathling>, Query(q): Query<JobQ>, headers: HeaderMap) -> Response {
+    let r = {
+        let mut guard = s.inner.lock().unwrap();
+        let i = &mut *guard;
+        i.log.job_polls += 1;
+        if let Some(r) = check_auth(i, &headers) {
+            r
+        } else if i.cfg.lose_job_once && i.jobs.contains_key(&q.id) {
+            i.cfg.lose_job_once = false;
+            i.jobs.remove(&q.id);
+            i.running = i.running.saturating_sub(1);
+            (StatusCode::NOT_FOUND, oo("not-found", "unknown job")).into_response()
+        } else if i.cfg.busy_polls > 0 && i.jobs.get(&q.id).is_some_and(|j| !j.busy) {
+            i.cfg.busy_polls -= 1;
+            if let Some(j) = i.jobs.get_mut(&q.id) {
+                j.busy = true;
+            }
+            i.running = i.running.saturating_sub(1);
+            (StatusCode::SERVICE_UNAVAILABLE, oo("transient", "another import is in progress")).into_response()
+        } else {
+            let polls_needed = i.cfg.job_polls;
+            match i.jobs.get_mut(&q.id) {
+                None => (StatusCode::NOT_FOUND, oo("not-found", "unknown job")).into_response(),
+                Some(j) if j.busy => {
+                    (StatusCode::SERVICE_UNAVAILABLE, oo("transient", "another import is in progress")).into_response()
+                }
+                Some(j) if j.polls < polls_needed => {
+                    j.polls += 1;
+                    (StatusCode::ACCEPTED, [("x-progress", format!("{}%", 100 * j.polls / (polls_needed + 1)))], "")
+                        .into_response()
+                }
+                Some(j) => {
+                    let rec = j.import.clone();
+                    if let Some((code, msg)) = i.cfg.fail_import.clone() {
+                        i.running = i.running.saturating_sub(1);
+                        (StatusCode::from_u16(code).unwrap(), oo("processing", &msg)).into_response()
+                    } else {
+                        let applied = apply_import(i, &rec);
+                        i.jobs.remove(&q.id);
+                        i.running = i.running.saturating_sub(1);
+                        match applied {
+                            Ok(()) => {
+                                i.log.completed_imports += 1;
+                                let out: Vec<_> = rec
+                                    .inputs
+                                    .iter()
+                                    .map(|(_, u)| json!({"name":"output","part":[{"name":"inputUrl","valueUrl":u}]}))
+                                    .collect();
+                                let mut params = vec![
+                                    json!({"name":"transactionTime","valueString": jiff::Timestamp::now().to_string()}),
+                                ];
+                                params.extend(out);
+                                (StatusCode::OK, json!({"resourceType":"Parameters","parameter":params}).to_string())
+                                    .into_response()
+                            }
+                            Err((code, msg)) => {
+                                (StatusCode::from_u16(code).unwrap(), oo("processing", &msg)).into_response()
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    s.touch();
+    r
+}
+
+async fn delete_job(State(s): State<FakePathling>, Query(q): Query<JobQ>) -> Response {
+    let r = {
+        let mut i = s.inner.lock().unwrap();
+        i.log.job_deletes += 1;
+        if let Some(j) = i.jobs.remove(&q.id) {
+            if !j.busy {
+                i.running = i.running.saturating_sub(1);
+            }
+            StatusCode::ACCEPTED.into_response()
+        } else {
+            StatusCode::NOT_FOUND.into_response()
+        }
+    };
+    s.touch();
+    r
+}
+
+async fn put_resource(
+    State(s): State<FakePathling>,
+    Path((t, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let r = {
+        let mut i = s.inner.lock().unwrap();
+        if let Some(r) = check_auth(&i, &headers) {
+            r
+        } else {
+            match serde_json::from_slice::<Value>(&body) {
+                Ok(v) if v["id"].as_str() == Some(id.as_str()) && v["resourceType"].as_str() == Some(t.as_str()) => {
+                    i.log.puts.push(format!("{t}/{id}"));
+                    let existed = i.data.entry(t.clone()).or_default().insert(id, v.clone()).is_some();
+                    (if existed { StatusCode::OK } else { StatusCode::CREATED }, v.to_string()).into_response()
+                }
+                Ok(_) => (StatusCode::BAD_REQUEST, oo("invalid", "resource id must match the URL")).into_response(),
+                Err(e) => (StatusCode::BAD_REQUEST, oo("invalid", &e.to_string())).into_response(),
+            }
+        }
+    };
+    s.touch();
+    r
+}
+
+async fn delete_resource(
+    State(s): State<FakePathling>,
+    Path((t, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let r = {
+        let mut i = s.inner.lock().unwrap();
+        if let Some(r) = check_auth(&i, &headers) {
+            r
+        } else {
+            i.log.resource_deletes.push(format!("{t}/{id}"));
+            match i.data.get_mut(&t).and_then(|m| m.remove(&id)) {
+                Some(_) => StatusCode::NO_CONTENT.into_response(),
+                None => (StatusCode::NOT_FOUND, oo("not-found", "no such resource")).into_response(),
+            }
+        }
+    };
+    s.touch();
+    r
+}
+
+async fn get_resource(State(s): State<FakePathling>, Path((t, id)): Path<(String, String)>) -> Response {
+    let i = s.inner.lock().unwrap();
+    match i.data.get(&t).and_then(|m| m.get(&id)) {
+        Some(v) => (StatusCode::OK, v.to_string()).into_response(),
+        None => (StatusCode::NOT_FOUND, oo("not-found", "no such resource")).into_response(),
+    }
+}

@@ -1,0 +1,443 @@
+//! A FHIR Bulk Data source written for the tests, with the quirks of real servers: 429 with
+//! Retry-After as seconds, HTTP-date or epoch; transient 5xx and OperationOutcome errors; a cancelled job
+//! answering 202 forever (HAPI); manifest counts; a download cut off midway; gzip; deleted[]; error[].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+use tokio::sync::watch;
+
+/// One poll answer to inject before the normal ones.
+#[derive(Clone, Debug)]
+pub enum PollQuirk {
+    /// 500 with a plain body.
+    ServerError,
+    /// 500 with an OperationOutcome whose issue code is `transient`.
+    TransientOutcome,
+    /// 429 with this Retry-After value.
+    TooMany(String),
+}
+
+/// How the source behaves.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    /// Output files: (resource type, NDJSON lines).
+    pub files: Vec<(String, Vec<String>)>,
+    /// deleted[] files: each a list of Bundle lines.
+    pub deleted: Vec<Vec<String>>,
+    /// error[] files: each a list of OperationOutcome lines.
+    pub errors: Vec<Vec<String>>,
+    /// 202 answers before the manifest.
+    pub polls_before_done: u32,
+    /// Retry-After on 202 answers.
+    pub poll_retry_after: Option<String>,
+    /// X-Progress on 202 answers.
+    pub progress: Option<String>,
+    /// The first kick-offs answer 429 with these Retry-After values.
+    pub kickoff_429: Vec<String>,
+    /// The first polls answer these.
+    pub poll_quirks: Vec<PollQuirk>,
+    /// The job answers 202 "Cancelled" forever (HAPI after a cancel).
+    pub cancelled_forever: bool,
+    /// Put `count` in the manifest.
+    pub include_count: bool,
+    /// Lie about the count of this file index (manifest count + 1).
+    pub wrong_count: Option<usize>,
+    /// Cut the first download of each file midway.
+    pub cut_first_download: bool,
+    /// Serve files gzip-encoded.
+    pub gzip: bool,
+    /// `requiresAccessToken` in the manifest.
+    pub requires_token: bool,
+    /// When set, every request needs `Authorization: Bearer <token>`.
+    pub bearer: Option<String>,
+    /// Base URL for file URLs (another origin); default this server.
+    pub file_base: Option<String>,
+    /// `transactionTime` in the manifest; default: the time of the kick-off.
+    pub transaction_time: Option<String>,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self {
+            files: vec![],
+            deleted: vec![],
+            errors: vec![],
+            polls_before_done: 1,
+            poll_retry_after: Some("1".into()),
+            progress: Some("in progress".into()),
+            kickoff_429: vec![],
+            poll_quirks: vec![],
+            cancelled_forever: false,
+            include_count: true,
+            wrong_count: None,
+            cut_first_download: false,
+            gzip: false,
+            requires_token: true,
+            bearer: None,
+            file_base: None,
+            transaction_time: None,
+        }
+    }
+}
+
+/// A kick-off the source received.
+#[derive(Clone, Debug)]
+pub struct KickoffRecord {
+    pub path: String,
+    pub query: String,
+    pub prefer: Option<String>,
+    pub accept: Option<String>,
+}
+
+impl KickoffRecord {
+    /// A query parameter's value.
+    pub fn param(&self, name: &str) -> Option<String> {
+        url::form_urlencoded::parse(self.query.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.to_string())
+    }
+}
+
+/// What the source saw.
+#[derive(Clone, Debug, Default)]
+pub struct SourceLog {
+    pub kickoffs: Vec<KickoffRecord>,
+    pub accepted: u32,
+    pub polls: u32,
+    pub status_deletes: Vec<String>,
+    pub downloads: Vec<(String, bool)>,
+    pub active_exports: i32,
+    pub max_active_exports: i32,
+    pub unauthorized: u32,
+}
+
+struct Job {
+    polls: u32,
+    transaction_time: String,
+}
+
+struct Inner {
+    cfg: SourceConfig,
+    log: SourceLog,
+    jobs: HashMap<String, Job>,
+    downloads_per_file: HashMap<String, u32>,
+    next_id: u32,
+}
+
+/// A running fake source.
+#[derive(Clone)]
+pub struct FakeSource {
+    inner: Arc<Mutex<Inner>>,
+    changed: watch::Sender<u64>,
+    /// FHIR base URL, e.g. `http://127.0.0.1:port/fhir`.
+    pub base: String,
+}
+
+impl FakeSource {
+    /// Starts the source on a loopback port.
+    pub async fn start(cfg: SourceConfig) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (changed, _) = watch::channel(0);
+        let me = Self {
+            inner: Arc::new(Mutex::new(Inner {
+                cfg,
+                log: SourceLog::default(),
+                jobs: HashMap::new(),
+                downloads_per_file: HashMap::new(),
+                next_id: 0,
+            })),
+            changed,
+            base: format!("http://{addr}/fhir"),
+        };
+        let app = Router::new()
+            .route("/fhir/{*rest}", get(kickoff))
+            .route("/status/{id}", get(poll).delete(cancel))
+            .route("/files/{name}", get(file))
+            .with_state(me.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+        me
+    }
+
+    /// A copy of the log.
+    pub fn log(&self) -> SourceLog {
+        self.inner.lock().unwrap().log.clone()
+    }
+
+    /// Changes the configuration (e.g. new data for the next export).
+    pub fn configure(&self, f: impl FnOnce(&mut SourceConfig)) {
+        f(&mut self.inner.lock().unwrap().cfg);
+    }
+
+    /// Waits until `pred` holds for the log (woken by every request; no sleeps).
+    pub async fn wait_for(&self, pred: impl Fn(&SourceLog) -> bool) -> SourceLog {
+        let mut rx = self.changed.subscribe();
+        loop {
+            {
+                let l = self.log();
+                if pred(&l) {
+                    return l;
+                }
+            }
+            rx.changed().await.expect("source stopped");
+        }
+    }
+
+    fn touch(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    fn origin(&self) -> String {
+        self.base.trim_end_matches("/fhir").to_string()
+    }
+}
+
+fn unauthorized(s: &FakeSource, headers: &HeaderMap) -> Option<Response> {
+    let mut i = s.inner.lock().unwrap();
+    let want = i.cfg.bearer.clone()?;
+    let got = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if got == format!("Bearer {want}") {
+        return None;
+    }
+    i.log.unauthorized += 1;
+    Some((StatusCode::UNAUTHORIZED, outcome("error", "login", "invalid or missing token")).into_response())
+}
+
+fn outcome(sev: &str, code: &str, diag: &str) -> String {
+    json!({"resourceType":"OperationOutcome","issue":[{"severity":sev,"code":code,"diagnostics":diag}]}).to_string()
+}
+
+async fn kickoff(
+    State(s): State<FakeSource>,
+    Path(rest): Path<String>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let r = kickoff_inner(&s, rest, q, headers);
+    s.touch();
+    r
+}
+
+fn kickoff_inner(s: &FakeSource, rest: String, q: Option<String>, headers: HeaderMap) -> Response {
+    if !rest.ends_with("$export") {
+        return (StatusCode::NOT_FOUND, outcome("error", "not-found", "unknown path")).into_response();
+    }
+    if let Some(r) = unauthorized(s, &headers) {
+        return r;
+    }
+    let mut i = s.inner.lock().unwrap();
+    i.log.kickoffs.push(KickoffRecord {
+        path: rest.clone(),
+        query: q.unwrap_or_default(),
+        prefer: headers.get("prefer").and_then(|v| v.to_str().ok()).map(str::to_string),
+        accept: headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).map(str::to_string),
+    });
+    if headers.get("prefer").and_then(|v| v.to_str().ok()) != Some("respond-async") {
+        return (StatusCode::BAD_REQUEST, outcome("error", "invalid", "Prefer: respond-async is required"))
+            .into_response();
+    }
+    if !i.cfg.kickoff_429.is_empty() {
+        let ra = i.cfg.kickoff_429.remove(0);
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, ra)],
+            outcome("error", "throttled", "one export at a time"),
+        )
+            .into_response();
+    }
+    if i.log.active_exports > 0 {
+        // like Epic/Cerner: one export in flight per client
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, "2".to_string())],
+            outcome("error", "throttled", "an export is already running"),
+        )
+            .into_response();
+    }
+    i.next_id += 1;
+    let id = format!("job{}", i.next_id);
+    let tt = i.cfg.transaction_time.clone().unwrap_or_else(|| jiff::Timestamp::now().to_string());
+    i.jobs.insert(id.clone(), Job { polls: 0, transaction_time: tt });
+    i.log.accepted += 1;
+    i.log.active_exports += 1;
+    i.log.max_active_exports = i.log.max_active_exports.max(i.log.active_exports);
+    let loc = format!("{}/status/{id}", s.origin());
+    (StatusCode::ACCEPTED, [(header::CONTENT_LOCATION, loc)], "").into_response()
+}
+
+async fn poll(State(s): State<FakeSource>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let r = poll_inner(&s, id, headers);
+    s.touch();
+    r
+}
+
+fn poll_inner(s: &FakeSource, id: String, headers: HeaderMap) -> Response {
+    if let Some(r) = unauthorized(s, &headers) {
+        return r;
+    }
+    let origin = s.origin();
+    let mut i = s.inner.lock().unwrap();
+    i.log.polls += 1;
+    if !i.cfg.poll_quirks.is_empty() {
+        return match i.cfg.poll_quirks.remove(0) {
+            PollQuirk::ServerError => (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
+            PollQuirk::TransientOutcome => {
+                (StatusCode::INTERNAL_SERVER_ERROR, outcome("error", "transient", "database busy, try again"))
+                    .into_response()
+            }
+            PollQuirk::TooMany(ra) => {
+                (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, ra)], "slow down").into_response()
+            }
+        };
+    }
+    let cfg = i.cfg.clone();
+    let Some(job) = i.jobs.get_mut(&id) else {
+        return (StatusCode::NOT_FOUND, outcome("error", "not-found", "no such job")).into_response();
+    };
+    if cfg.cancelled_forever {
+        return (
+            StatusCode::ACCEPTED,
+            [("x-progress", "Cancelled".to_string()), (header::RETRY_AFTER.as_str(), "1".into())],
+            "",
+        )
+            .into_response();
+    }
+    if job.polls < cfg.polls_before_done {
+        job.polls += 1;
+        let mut h = vec![];
+        if let Some(ra) = &cfg.poll_retry_after {
+            h.push((header::RETRY_AFTER.to_string(), ra.clone()));
+        }
+        if let Some(p) = &cfg.progress {
+            h.push(("x-progress".to_string(), p.clone()));
+        }
+        let mut resp = (StatusCode::ACCEPTED, "").into_response();
+        for (k, v) in h {
+            resp.headers_mut().insert(axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        return resp;
+    }
+    let file_base = cfg.file_base.clone().unwrap_or(origin);
+    let output: Vec<_> = cfg
+        .files
+        .iter()
+        .enumerate()
+        .map(|(n, (t, lines))| {
+            let mut o = json!({"type": t, "url": format!("{file_base}/files/out-{n}.ndjson")});
+            if cfg.include_count {
+                let c = lines.len() + usize::from(cfg.wrong_count == Some(n));
+                o["count"] = json!(c);
+            }
+            o
+        })
+        .collect();
+    let deleted: Vec<_> = (0..cfg.deleted.len())
+        .map(|n| json!({"type": "Bundle", "url": format!("{file_base}/files/del-{n}.ndjson")}))
+        .collect();
+    let errors: Vec<_> = (0..cfg.errors.len())
+        .map(|n| json!({"type": "OperationOutcome", "url": format!("{file_base}/files/err-{n}.ndjson")}))
+        .collect();
+    let manifest = json!({
+        "transactionTime": job.transaction_time,
+        "request": format!("{}/fhir/$export", s.origin()),
+        "requiresAccessToken": cfg.requires_token,
+        "output": output, "deleted": deleted, "error": errors
+    });
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], manifest.to_string()).into_response()
+}
+
+async fn cancel(State(s): State<FakeSource>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let r = {
+        if let Some(r) = unauthorized(&s, &headers) {
+            r
+        } else {
+            let mut i = s.inner.lock().unwrap();
+            i.log.status_deletes.push(id.clone());
+            if i.jobs.remove(&id).is_some() {
+                i.log.active_exports -= 1;
+                StatusCode::ACCEPTED.into_response()
+            } else {
+                StatusCode::NOT_FOUND.into_response()
+            }
+        }
+    };
+    s.touch();
+    r
+}
+
+async fn file(State(s): State<FakeSource>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+    let had_auth = headers.contains_key(header::AUTHORIZATION);
+    let (lines, cut, gzip, need_auth) = {
+        let mut i = s.inner.lock().unwrap();
+        i.log.downloads.push((name.clone(), had_auth));
+        let n = i.downloads_per_file.entry(name.clone()).or_default();
+        *n += 1;
+        let first = *n == 1;
+        let stem = name.trim_end_matches(".ndjson");
+        let (kind, idx) = stem.split_once('-').unwrap_or(("", "0"));
+        let idx: usize = idx.parse().unwrap_or(usize::MAX);
+        let lines = match kind {
+            "out" => i.cfg.files.get(idx).map(|f| f.1.clone()),
+            "del" => i.cfg.deleted.get(idx).cloned(),
+            "err" => i.cfg.errors.get(idx).cloned(),
+            _ => None,
+        };
+        let need_auth = i.cfg.requires_token && i.cfg.file_base.is_none();
+        (lines, i.cfg.cut_first_download && first && kind == "out", i.cfg.gzip, need_auth)
+    };
+    s.touch();
+    if need_auth && let Some(r) = unauthorized(&s, &headers) {
+        return r;
+    }
+    let Some(lines) = lines else { return StatusCode::NOT_FOUND.into_response() };
+    let mut body = lines.join("\n").into_bytes();
+    body.push(b'\n');
+    if cut {
+        // send half of the promised bytes, then break the connection
+        let half = Bytes::copy_from_slice(&body[..body.len() / 2]);
+        let stream = futures::stream::iter(vec![
+            Ok::<Bytes, std::io::Error>(half),
+            Err(std::io::Error::other("connection reset")),
+        ]);
+        return Response::builder()
+            .status(200)
+            .header(header::CONTENT_TYPE, "application/fhir+ndjson")
+            .header(header::CONTENT_LENGTH, body.len())
+            .body(Body::from_stream(stream))
+            .unwrap();
+    }
+    if gzip {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&body).unwrap();
+        let gz = e.finish().unwrap();
+        return Response::builder()
+            .status(200)
+            .header(header::CONTENT_TYPE, "application/fhir+ndjson")
+            .header(header::CONTENT_ENCODING, "gzip")
+            .body(Body::from(gz))
+            .unwrap();
+    }
+    Response::builder()
+        .status(200)
+        .header(header::CONTENT_TYPE, "application/fhir+ndjson")
+        .body(Body::from(body))
+        .unwrap()
+}
+
+/// `n` resources of a type, as NDJSON lines.
+pub fn resources(t: &str, prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|k| json!({"resourceType": t, "id": format!("{prefix}{k}"), "active": true}).to_string()).collect()
+}
+
+/// A deleted[] Bundle line deleting `refs` (`Patient/1`).
+pub fn delete_bundle(refs: &[&str]) -> String {
+    let entries: Vec<_> = refs.iter().map(|r| json!({"request": {"method": "DELETE", "url": r}})).collect();
+    json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}).to_string()
+}
