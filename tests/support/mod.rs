@@ -3,3 +3,4 @@
 
 pub mod pathling;
 pub mod source;
+pub mod cluster;

@@ -1,0 +1,245 @@
+//! End to end: `fhirsync run` against the real Kubernetes API server from ../shared/test-apiserver,
+//! with in-process doubles of the FHIR source and of Pathling.
+
+mod support;
+
+use std::time::Duration;
+
+use fhirsync::api::{BulkExportRun, BulkExportSync, Phase};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use support::cluster::{self, Operator, SERIAL, wait_deleted, wait_for};
+use support::pathling::{FakePathling, PathlingConfig};
+use support::source::{FakeSource, SourceConfig, resources};
+
+struct World {
+    ns: String,
+    source: FakeSource,
+    pathling: FakePathling,
+    dir: tempfile::TempDir,
+    syncs: Api<BulkExportSync>,
+    runs: Api<BulkExportRun>,
+}
+
+impl World {
+    async fn new(test: &str, cfg: SourceConfig) -> Self {
+        let client = cluster::client().await;
+        cluster::install_crds(&client).await;
+        let ns = cluster::namespace(test);
+        let dir = tempfile::tempdir().unwrap();
+        let pcfg = PathlingConfig {
+            roots: vec![("file:///usr/share/staging".into(), dir.path().join("staging"))],
+            ..Default::default()
+        };
+        Self {
+            syncs: Api::namespaced(client.clone(), &ns),
+            runs: Api::namespaced(client.clone(), &ns),
+            ns,
+            source: FakeSource::start(cfg).await,
+            pathling: FakePathling::start(pcfg).await,
+            dir,
+        }
+    }
+
+    fn operator(&self) -> Operator {
+        Operator::start(&self.ns, self.dir.path(), &[])
+    }
+
+    fn sync_manifest(&self, name: &str, extra: serde_json::Value) -> serde_json::Value {
+        let mut spec = json!({
+            "source": {"url": self.source.base},
+            "target": {"url": self.pathling.base},
+            "staging": {"volume": {"path": self.dir.path().join("staging").display().to_string(),
+                                   "pathlingPath": "file:///usr/share/staging"}},
+            "sinceOverlap": "1m",
+        });
+        if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                s.insert(k.clone(), v.clone());
+            }
+        }
+        json!({"apiVersion": "fhirsync.io/v1alpha1", "kind": "BulkExportSync",
+               "metadata": {"name": name, "namespace": self.ns}, "spec": spec})
+    }
+
+    async fn apply_sync(&self, name: &str, extra: serde_json::Value) -> BulkExportSync {
+        let m = self.sync_manifest(name, extra);
+        self.syncs.patch(name, &PatchParams::apply("e2e").force(), &Patch::Apply(&m)).await.expect("apply sync")
+    }
+
+    async fn runs_of(&self, sync: &str) -> Vec<BulkExportRun> {
+        let mut v = self.runs.list(&ListParams::default().labels(&format!("fhirsync.io/sync={sync}"))).await.unwrap().items;
+        v.sort_by_key(|r| r.creation_timestamp());
+        v
+    }
+}
+
+fn data() -> SourceConfig {
+    SourceConfig {
+        files: vec![
+            ("Patient".into(), resources("Patient", "p", 24)),
+            ("Observation".into(), resources("Observation", "o", 2217)),
+        ],
+        ..Default::default()
+    }
+}
+
+fn ready(s: &BulkExportSync) -> Option<(String, String)> {
+    let c = s.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Ready")?;
+    Some((c.status.clone(), c.reason.clone()))
+}
+
+fn phase(r: &BulkExportRun) -> Phase {
+    r.status.as_ref().map(|s| s.phase).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_sync_runs_imports_and_then_goes_incremental() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let w = World::new("sync", data()).await;
+    let _op = w.operator();
+    w.apply_sync("hospital-a", json!({"historyLimit": 1})).await;
+
+    // the first run: a full export
+    let s = wait_for(&w.syncs, "hospital-a", 60, "sync Ready", |s| ready(s).is_some_and(|r| r.0 == "True")).await;
+    let st = s.status.clone().unwrap();
+    assert_eq!(st.last_run_resources, Some(2241));
+    let last = st.last_successful_run.clone().unwrap();
+    assert_eq!(last.resources.get("Observation"), Some(&2217));
+    let watermark = st.watermark.clone().expect("watermark").0;
+    assert!(st.active_run.is_none());
+    let runs = w.runs_of("hospital-a").await;
+    assert_eq!(runs.len(), 1);
+    let r1 = &runs[0];
+    assert_eq!(phase(r1), Phase::Succeeded);
+    assert!(r1.spec.since.is_none(), "the first run is a full export");
+    assert_eq!(r1.owner_references()[0].name, "hospital-a");
+    assert!(r1.finalizers().is_empty() || r1.finalizers() == ["fhirsync.io/run-cleanup"]);
+    let kickoff = r1.status.as_ref().unwrap().kickoff_time.clone().unwrap().0;
+    assert_eq!(watermark, kickoff.checked_sub(jiff::SignedDuration::from_secs(60)).unwrap().min(watermark));
+    assert_eq!(w.pathling.counts().get("Observation"), Some(&2217));
+    assert!(w.source.log().kickoffs[0].param("_since").is_none());
+
+    // run-now: the next run is incremental from the watermark
+    w.source.configure(|c| c.files = vec![("Patient".into(), resources("Patient", "new", 3))]);
+    w.syncs
+        .patch("hospital-a", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {"fhirsync.io/run-now": "1"}}})))
+        .await
+        .unwrap();
+    let s = wait_for(&w.syncs, "hospital-a", 60, "second run folded", |s| {
+        s.status.as_ref().and_then(|st| st.last_successful_run.as_ref()).is_some_and(|l| l.name != r1.name_any())
+    })
+    .await;
+    assert_eq!(s.status.as_ref().unwrap().last_run_resources, Some(3));
+    let k = w.source.log().kickoffs;
+    assert_eq!(k.len(), 2);
+    assert_eq!(k[1].param("_since").as_deref(), Some(watermark.to_string().as_str()), "incremental _since = watermark");
+    assert_eq!(w.pathling.counts().get("Patient"), Some(&27), "merged, not replaced");
+    // historyLimit 1: the first run is pruned
+    let runs_api = w.runs.clone();
+    let first = r1.name_any();
+    let uid = r1.uid().unwrap();
+    wait_deleted(&runs_api, &first, &uid, 30).await;
+    let runs = w.runs_of("hospital-a").await;
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].spec.since.as_ref().map(|t| t.0), Some(watermark));
+    // printer columns
+    let out = std::process::Command::new("kubectl")
+        .args(["--kubeconfig", &cluster::kubeconfig().display().to_string(), "get", "bes,ber", "-n", &w.ns])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("READY") && text.contains("LAST SYNC") && text.contains("NEXT RUN"), "{text}");
+    assert!(text.contains("PHASE") && text.contains("Succeeded") && text.contains("DURATION"), "{text}");
+}
+
+#[tokio::test]
+async fn a_killed_operator_resumes_the_same_run() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let w = World::new("resume", SourceConfig { polls_before_done: 1_000_000, ..data() }).await;
+    let mut op = w.operator();
+    w.apply_sync("hospital-b", json!({})).await;
+    let run = loop {
+        let runs = w.runs_of("hospital-b").await;
+        if let Some(r) = runs.into_iter().next() {
+            break r;
+        }
+        w.source.wait_for(|l| l.polls >= 1).await;
+    };
+    let r = wait_for(&w.runs, &run.name_any(), 60, "export status URL persisted", |r| {
+        r.status.as_ref().is_some_and(|s| s.phase == Phase::Exporting && s.export_status_url.is_some())
+    })
+    .await;
+    let url = r.status.unwrap().export_status_url.unwrap();
+    w.source.wait_for(|l| l.polls >= 2).await;
+    op.kill(); // a crash mid-poll
+    w.source.configure(|c| c.polls_before_done = 0);
+    let _op2 = w.operator();
+    let r = wait_for(&w.runs, &run.name_any(), 60, "resumed run succeeds", |r| phase(r).is_finished()).await;
+    let st = r.status.unwrap();
+    assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
+    assert_eq!(st.export_status_url.as_deref(), Some(url.as_str()), "the same export was resumed");
+    let log = w.source.log();
+    assert_eq!(log.accepted, 1, "no second export was started");
+    assert_eq!(w.pathling.log().imports.len(), 1, "imported exactly once");
+    assert_eq!(w.pathling.counts().get("Observation"), Some(&2217));
+    assert_eq!(w.runs_of("hospital-b").await.len(), 1);
+}
+
+#[tokio::test]
+async fn deleting_a_running_run_cancels_the_export_and_cleans_staging() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let w = World::new("cancel", SourceConfig { polls_before_done: 1_000_000, ..data() }).await;
+    let _op = w.operator();
+    // a run created by hand against a suspended sync (so no scheduled run competes)
+    w.apply_sync("hospital-c", json!({"suspend": true, "schedule": "0 0 1 1 *"})).await;
+    let run: BulkExportRun = serde_json::from_value(json!({
+        "apiVersion": "fhirsync.io/v1alpha1", "kind": "BulkExportRun",
+        "metadata": {"name": "by-hand", "namespace": w.ns},
+        "spec": {"syncRef": {"name": "hospital-c"}}
+    }))
+    .unwrap();
+    let created = w.runs.create(&PostParams::default(), &run).await.unwrap();
+    wait_for(&w.runs, "by-hand", 60, "exporting", |r| {
+        r.status.as_ref().is_some_and(|s| s.phase == Phase::Exporting) && r.finalizers().iter().any(|f| f == "fhirsync.io/run-cleanup")
+    })
+    .await;
+    w.source.wait_for(|l| l.polls >= 1).await;
+    w.runs.delete("by-hand", &DeleteParams::default()).await.unwrap();
+    wait_deleted(&w.runs, "by-hand", &created.uid().unwrap(), 30).await;
+    let log = w.source.log();
+    assert_eq!(log.status_deletes, vec!["job1".to_string()], "the export was cancelled on the source");
+    assert_eq!(log.active_exports, 0);
+    assert!(!w.dir.path().join("staging").join(&w.ns).join("by-hand").exists());
+    assert!(w.pathling.log().imports.is_empty());
+}
+
+#[tokio::test]
+async fn invalid_syncs_are_refused_or_reported() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let w = World::new("invalid", data()).await;
+    // refused by the API server, with a message naming the field
+    let bad = w.sync_manifest("bad", json!({"export": {"level": "Group"}}));
+    let err = w.syncs.create(&PostParams::default(), &serde_json::from_value(bad).unwrap()).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("groupId"), "{msg}");
+    let bad = w.sync_manifest("bad", json!({"target": {"url": w.pathling.base, "saveMode": "overwrite"}}));
+    let err = w.syncs.create(&PostParams::default(), &serde_json::from_value(bad).unwrap()).await.unwrap_err();
+    assert!(err.to_string().contains("saveMode"), "{err}");
+    let bad = w.sync_manifest("bad", json!({"runTimeout": "a day"}));
+    let err = w.syncs.create(&PostParams::default(), &serde_json::from_value(bad).unwrap()).await.unwrap_err();
+    assert!(err.to_string().contains("runTimeout"), "{err}");
+    // a schedule of the right shape that does not parse: a condition, not a crash loop
+    let _op = w.operator();
+    w.apply_sync("odd", json!({"schedule": "61 * * * *"})).await;
+    let s = wait_for(&w.syncs, "odd", 30, "InvalidSchedule", |s| ready(s).is_some_and(|r| r.1 == "InvalidSchedule")).await;
+    let c = s.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(c.status, "False");
+    assert!(c.message.contains("61 * * * *"), "{}", c.message);
+    assert!(w.runs_of("odd").await.is_empty());
+    // fixing it clears the condition
+    w.apply_sync("odd", json!({"schedule": "0 0 1 1 *"})).await;
+    wait_for(&w.syncs, "odd", 30, "valid again", |s| ready(s).is_some_and(|r| r.1 != "InvalidSchedule")).await;
+    let _ = Duration::ZERO;
+}

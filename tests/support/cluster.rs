@@ -1,0 +1,146 @@
+//! End-to-end plumbing: a client for the real test API server, the CRDs, and the operator process.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Api, Client, Config, CustomResourceExt, Resource};
+
+use fhirsync::api::{BulkExportRun, BulkExportSync};
+
+/// End-to-end tests run one at a time (one API server for the whole suite).
+pub static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Path of the test API server's kubeconfig (set by `.ci/run`).
+pub fn kubeconfig() -> PathBuf {
+    match std::env::var("FHIRSYNC_E2E_KUBECONFIG") {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => panic!(
+            "FHIRSYNC_E2E_KUBECONFIG is not set: end-to-end tests need the test API server; run .ci/run \
+             (it starts ../shared/test-apiserver and sets it)"
+        ),
+    }
+}
+
+/// A client for the test API server.
+pub async fn client() -> Client {
+    let kc = Kubeconfig::read_from(kubeconfig()).expect("kubeconfig");
+    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("config");
+    Client::try_from(cfg).expect("client")
+}
+
+/// Installs (server-side apply) the CRDs and waits until they are established.
+pub async fn install_crds(client: &Client) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in [BulkExportSync::crd(), BulkExportRun::crd()] {
+        let name = crd.metadata.name.clone().unwrap();
+        api.patch(&name, &PatchParams::apply("fhirsync-e2e").force(), &Patch::Apply(&crd)).await.expect("apply crd");
+        tokio::time::timeout(Duration::from_secs(30), await_condition(api.clone(), &name, conditions::is_crd_established()))
+            .await
+            .expect("crd established in time")
+            .expect("watch");
+    }
+}
+
+/// A fresh namespace name for one test (the test server has no Namespace API; any name works).
+pub fn namespace(test: &str) -> String {
+    format!("{test}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// An operator process (`fhirsync run`), killed on drop.
+pub struct Operator {
+    child: Option<Child>,
+    pub admin: String,
+    pub log: PathBuf,
+}
+
+impl Operator {
+    /// Starts `fhirsync run` for one namespace.
+    pub fn start(namespace: &str, staging_root: &std::path::Path, extra: &[&str]) -> Self {
+        let port = free_port();
+        let log = std::env::temp_dir().join(format!("fhirsync-e2e-{namespace}-{port}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_fhirsync"))
+            .args(["run", "--namespace", namespace, "--admin-addr", &format!("127.0.0.1:{port}")])
+            .args(["--staging-root", &staging_root.display().to_string(), "--log-level", "info,fhirsync=debug"])
+            .args(extra)
+            .env("KUBECONFIG", kubeconfig())
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("start operator");
+        Self { child: Some(child), admin: format!("http://127.0.0.1:{port}"), log }
+    }
+
+    /// SIGKILLs the operator (a crash: nothing is cleaned up).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERMs the operator and waits for a graceful exit; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        unsafe_free_kill(c.id());
+        c.wait().ok().and_then(|s| s.code())
+    }
+
+    /// The operator's log so far (for assertion messages).
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn unsafe_free_kill(pid: u32) {
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits (watching, no sleeps) until `cond` holds for the named object.
+pub async fn wait_for<K>(api: &Api<K>, name: &str, secs: u64, what: &str, cond: impl Fn(&K) -> bool) -> K
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    let r = tokio::time::timeout(
+        Duration::from_secs(secs),
+        await_condition(api.clone(), name, move |o: Option<&K>| o.is_some_and(&cond)),
+    )
+    .await;
+    match r {
+        Ok(Ok(Some(o))) => o,
+        Ok(Ok(None)) => panic!("{what}: object {name} vanished"),
+        Ok(Err(e)) => panic!("{what}: watch failed: {e}"),
+        Err(_) => {
+            let cur = api.get_opt(name).await.ok().flatten();
+            panic!("{what}: timed out after {secs}s; object is {cur:#?}")
+        }
+    }
+}
+
+/// Waits until the named object is gone.
+pub async fn wait_deleted<K>(api: &Api<K>, name: &str, uid: &str, secs: u64)
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    tokio::time::timeout(Duration::from_secs(secs), await_condition(api.clone(), name, conditions::is_deleted(uid)))
+        .await
+        .expect("deleted in time")
+        .expect("watch");
+}
