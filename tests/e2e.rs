@@ -69,7 +69,8 @@ impl World {
     }
 
     async fn runs_of(&self, sync: &str) -> Vec<BulkExportRun> {
-        let mut v = self.runs.list(&ListParams::default().labels(&format!("fhirsync.io/sync={sync}"))).await.unwrap().items;
+        let mut v =
+            self.runs.list(&ListParams::default().labels(&format!("fhirsync.io/sync={sync}"))).await.unwrap().items;
         v.sort_by_key(|r| r.creation_timestamp());
         v
     }
@@ -96,7 +97,7 @@ fn phase(r: &BulkExportRun) -> Phase {
 
 #[tokio::test]
 async fn a_sync_runs_imports_and_then_goes_incremental() {
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _g = SERIAL.lock().await;
     let w = World::new("sync", data()).await;
     let _op = w.operator();
     w.apply_sync("hospital-a", json!({"historyLimit": 1})).await;
@@ -124,7 +125,11 @@ async fn a_sync_runs_imports_and_then_goes_incremental() {
     // run-now: the next run is incremental from the watermark
     w.source.configure(|c| c.files = vec![("Patient".into(), resources("Patient", "new", 3))]);
     w.syncs
-        .patch("hospital-a", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {"fhirsync.io/run-now": "1"}}})))
+        .patch(
+            "hospital-a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"fhirsync.io/run-now": "1"}}})),
+        )
         .await
         .unwrap();
     let s = wait_for(&w.syncs, "hospital-a", 60, "second run folded", |s| {
@@ -156,7 +161,7 @@ async fn a_sync_runs_imports_and_then_goes_incremental() {
 
 #[tokio::test]
 async fn a_killed_operator_resumes_the_same_run() {
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _g = SERIAL.lock().await;
     let w = World::new("resume", SourceConfig { polls_before_done: 1_000_000, ..data() }).await;
     let mut op = w.operator();
     w.apply_sync("hospital-b", json!({})).await;
@@ -189,7 +194,7 @@ async fn a_killed_operator_resumes_the_same_run() {
 
 #[tokio::test]
 async fn deleting_a_running_run_cancels_the_export_and_cleans_staging() {
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _g = SERIAL.lock().await;
     let w = World::new("cancel", SourceConfig { polls_before_done: 1_000_000, ..data() }).await;
     let _op = w.operator();
     // a run created by hand against a suspended sync (so no scheduled run competes)
@@ -202,7 +207,8 @@ async fn deleting_a_running_run_cancels_the_export_and_cleans_staging() {
     .unwrap();
     let created = w.runs.create(&PostParams::default(), &run).await.unwrap();
     wait_for(&w.runs, "by-hand", 60, "exporting", |r| {
-        r.status.as_ref().is_some_and(|s| s.phase == Phase::Exporting) && r.finalizers().iter().any(|f| f == "fhirsync.io/run-cleanup")
+        r.status.as_ref().is_some_and(|s| s.phase == Phase::Exporting)
+            && r.finalizers().iter().any(|f| f == "fhirsync.io/run-cleanup")
     })
     .await;
     w.source.wait_for(|l| l.polls >= 1).await;
@@ -217,7 +223,7 @@ async fn deleting_a_running_run_cancels_the_export_and_cleans_staging() {
 
 #[tokio::test]
 async fn invalid_syncs_are_refused_or_reported() {
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _g = SERIAL.lock().await;
     let w = World::new("invalid", data()).await;
     // refused by the API server, with a message naming the field
     let bad = w.sync_manifest("bad", json!({"export": {"level": "Group"}}));
@@ -233,7 +239,8 @@ async fn invalid_syncs_are_refused_or_reported() {
     // a schedule of the right shape that does not parse: a condition, not a crash loop
     let _op = w.operator();
     w.apply_sync("odd", json!({"schedule": "61 * * * *"})).await;
-    let s = wait_for(&w.syncs, "odd", 30, "InvalidSchedule", |s| ready(s).is_some_and(|r| r.1 == "InvalidSchedule")).await;
+    let s =
+        wait_for(&w.syncs, "odd", 30, "InvalidSchedule", |s| ready(s).is_some_and(|r| r.1 == "InvalidSchedule")).await;
     let c = s.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
     assert_eq!(c.status, "False");
     assert!(c.message.contains("61 * * * *"), "{}", c.message);
@@ -242,4 +249,44 @@ async fn invalid_syncs_are_refused_or_reported() {
     w.apply_sync("odd", json!({"schedule": "0 0 1 1 *"})).await;
     wait_for(&w.syncs, "odd", 30, "valid again", |s| ready(s).is_some_and(|r| r.1 != "InvalidSchedule")).await;
     let _ = Duration::ZERO;
+}
+
+#[tokio::test]
+async fn admin_endpoints_and_graceful_shutdown() {
+    let _g = SERIAL.lock().await;
+    let w = World::new("admin", data()).await;
+    let mut op = w.operator();
+    let http = reqwest::Client::new();
+    // healthz answers as soon as the server is up; readyz once the caches have synced
+    let mut ready = false;
+    for _ in 0..200 {
+        if let Ok(r) = http.get(format!("{}/readyz", op.admin)).send().await
+            && r.status().is_success()
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling an HTTP endpoint: nothing to watch
+    }
+    assert!(ready, "operator never became ready: {}", op.logs());
+    let h = http.get(format!("{}/healthz", op.admin)).send().await.unwrap();
+    assert!(h.status().is_success());
+    w.apply_sync("hospital-d", json!({})).await;
+    wait_for(&w.syncs, "hospital-d", 60, "sync Ready", ready_true).await;
+    let m = http.get(format!("{}/metrics", op.admin)).send().await.unwrap().text().await.unwrap();
+    for name in [
+        "fhirsync_reconciles_total",
+        "fhirsync_runs_total{result=\"succeeded\"} 1",
+        "fhirsync_resources_imported_total{resource_type=\"Observation\"} 2217",
+        "fhirsync_bytes_transferred_total",
+        "fhirsync_run_duration_seconds",
+        "fhirsync_watermark_age_seconds",
+    ] {
+        assert!(m.contains(name), "metrics lack {name}:\n{m}");
+    }
+    assert_eq!(op.terminate(), Some(0), "SIGTERM: graceful exit 0\n{}", op.logs());
+}
+
+fn ready_true(s: &BulkExportSync) -> bool {
+    ready(s).is_some_and(|r| r.0 == "True")
 }

@@ -20,6 +20,7 @@ struct Env {
     dir: tempfile::TempDir,
     extra: String,
     source_auth: String,
+    staging_yaml: Option<String>,
 }
 
 impl Env {
@@ -36,6 +37,7 @@ impl Env {
             dir,
             extra: String::new(),
             source_auth: String::new(),
+            staging_yaml: None,
         }
     }
 
@@ -51,13 +53,16 @@ metadata: {{name: hospital-a, namespace: ns1}}
 spec:
   source: {{url: "{}"{}}}
   target: {{url: "{}"}}
-  staging: {{volume: {{path: "{}", pathlingPath: "file:///pathling-staging"}}}}
+  staging: {}
   maxParallelDownloads: 3
 {}"#,
             self.source.base,
             self.source_auth,
             self.pathling.base,
-            self.staging().display(),
+            self.staging_yaml.clone().unwrap_or_else(|| format!(
+                "{{volume: {{path: \"{}\", pathlingPath: \"file:///pathling-staging\"}}}}",
+                self.staging().display()
+            )),
             self.extra
         );
         serde_yaml::from_str(&yaml).unwrap()
@@ -445,4 +450,63 @@ async fn wrong_token_is_reported_as_auth_failed() {
     assert_eq!(st.phase, Phase::Failed);
     assert_eq!(st.reason.as_deref(), Some("AuthFailed"));
     assert!(!st.message.as_deref().unwrap().contains("wrong"), "the token never appears in messages");
+}
+
+#[tokio::test]
+async fn object_store_staging_against_a_real_s3_implementation() {
+    let s3 = support::s3::FakeS3::start("lake").await;
+    let pcfg = PathlingConfig { roots: vec![("s3a://lake".into(), s3.root.path().join("lake"))], ..Default::default() };
+    let mut env = Env::with(two_types(), pcfg).await;
+    env.secret("s3", "accessKeyId", support::s3::ACCESS_KEY);
+    env.secret("s3", "secretAccessKey", support::s3::SECRET_KEY);
+    env.staging_yaml = Some(format!(
+        "{{objectStore: {{url: \"s3://lake/fhir-staging\", pathlingUrl: \"s3a://lake/fhir-staging\", endpoint: \"{}\", \
+         accessKeyIdRef: {{name: s3, key: accessKeyId}}, secretAccessKeyRef: {{name: s3, key: secretAccessKey}}}}}}",
+        s3.endpoint
+    ));
+    let st = run_once(&env).await;
+    assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
+    assert_eq!(env.pathling.counts().get("Observation"), Some(&117));
+    let imp = &env.pathling.log().imports[0];
+    assert_eq!(imp.inputs.len(), 3);
+    for (_, url) in &imp.inputs {
+        assert!(url.starts_with("s3a://lake/fhir-staging/ns1/r1/") && url.ends_with(".ndjson"), "{url}");
+    }
+    assert!(
+        s3.objects().iter().all(|o| !o.contains("fhir-staging/ns1/r1/")),
+        "staged objects removed: {:?}",
+        s3.objects()
+    );
+
+    // wrong credentials: a clear failure, no secret in the message
+    env.secret("s3", "secretAccessKey", "not-the-key");
+    let st = run_once(&env).await;
+    assert_eq!(st.phase, Phase::Failed);
+    assert!(!st.message.as_deref().unwrap().contains("not-the-key"));
+}
+
+#[tokio::test]
+async fn ping_and_pull_hands_the_export_to_pathling() {
+    let mut env = Env::new(two_types()).await;
+    env.staging_yaml = Some("{pingAndPull: {}}".into());
+    let mut sync = env.sync();
+    sync.spec.target.apply_deletes = false;
+    sync.spec.export.types = vec!["Patient".into(), "Observation".into()];
+    fhirsync::api::validate::validate_bulk_sync(&sync.spec).unwrap();
+    let since: jiff::Timestamp = "2026-11-01T00:00:00Z".parse().unwrap();
+    let secrets = DirSecrets::new(env.dir.path().join("secrets"));
+    let setup = run::resolve::setup(&sync.spec, "ns1", "r1", Some(since), &secrets, &Options::default()).await.unwrap();
+    let engine = Engine { setup, locks: KeyedLocks::default(), id: "ns1/r1".into(), backoff_scale: 0.002 };
+    let mut st = BulkExportRunStatus::default();
+    drive(&engine, &mut st).await;
+    assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
+    assert!(env.source.log().kickoffs.is_empty(), "Pathling exports, not fhirsync");
+    let pnp = &env.pathling.log().pnp[0];
+    let params = pnp["parameter"].as_array().unwrap();
+    let get = |n: &str| params.iter().filter(|p| p["name"] == n).cloned().collect::<Vec<_>>();
+    assert_eq!(get("exportUrl")[0]["valueUrl"], env.source.base.as_str());
+    assert_eq!(get("saveMode")[0]["valueCode"], "merge");
+    assert_eq!(get("_type").len(), 2);
+    assert_eq!(get("_since")[0]["valueInstant"], "2026-11-01T00:00:00Z");
+    assert!(st.kickoff_time.is_some(), "the watermark comes from fhirsync's clock");
 }

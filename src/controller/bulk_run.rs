@@ -10,7 +10,6 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::store::WriterDropped;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -28,7 +27,7 @@ pub fn controller(
     ctx: Arc<Context>,
     ns: Option<String>,
     stop: CancellationToken,
-) -> (BoxFuture<'static, ()>, BoxFuture<'static, Result<(), WriterDropped>>) {
+) -> (BoxFuture<'static, ()>, super::ReadyCheck) {
     let api: Api<BulkExportRun> = match &ns {
         Some(n) => Api::namespaced(ctx.client.clone(), n),
         None => Api::all(ctx.client.clone()),
@@ -37,7 +36,13 @@ pub fn controller(
         Controller::new(api, watcher::Config::default()).graceful_shutdown_on(async move { stop.cancelled().await });
     let store = c.store();
     let fut = Box::pin(super::drain(c.run(reconcile, error_policy, ctx)));
-    (fut, Box::pin(async move { store.wait_until_ready().await }))
+    (
+        fut,
+        Box::new(move || {
+            let s = store.clone();
+            Box::pin(async move { s.wait_until_ready().await })
+        }),
+    )
 }
 
 fn error_policy(run: Arc<BulkExportRun>, e: &Error, ctx: Arc<Context>) -> Action {

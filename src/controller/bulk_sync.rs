@@ -11,7 +11,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::store::WriterDropped;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
@@ -32,7 +31,7 @@ pub fn controller(
     ctx: Arc<Context>,
     ns: Option<String>,
     stop: CancellationToken,
-) -> (BoxFuture<'static, ()>, BoxFuture<'static, Result<(), WriterDropped>>) {
+) -> (BoxFuture<'static, ()>, super::ReadyCheck) {
     let (syncs, runs): (Api<BulkExportSync>, Api<BulkExportRun>) = match &ns {
         Some(n) => (Api::namespaced(ctx.client.clone(), n), Api::namespaced(ctx.client.clone(), n)),
         None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
@@ -42,7 +41,13 @@ pub fn controller(
         .graceful_shutdown_on(async move { stop.cancelled().await });
     let store = c.store();
     let fut = Box::pin(super::drain(c.run(reconcile, error_policy, ctx)));
-    (fut, Box::pin(async move { store.wait_until_ready().await }))
+    (
+        fut,
+        Box::new(move || {
+            let s = store.clone();
+            Box::pin(async move { s.wait_until_ready().await })
+        }),
+    )
 }
 
 fn error_policy(sync: Arc<BulkExportSync>, e: &Error, ctx: Arc<Context>) -> Action {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource};
 use tokio_util::sync::CancellationToken;
@@ -70,6 +71,11 @@ impl Error {
         }
     }
 }
+
+/// Re-creatable wait for a controller's cache to sync. (kube's readiness future wakes only one
+/// waiter, and the controller itself is one: so the check is polled again with a timeout.)
+pub type ReadyCheck =
+    Box<dyn Fn() -> BoxFuture<'static, Result<(), kube::runtime::reflector::store::WriterDropped>> + Send + Sync>;
 
 /// A run being driven by this process.
 pub struct RunTask {
@@ -191,10 +197,16 @@ pub async fn run_controllers(args: &RunArgs, ctx: Arc<Context>, ready: Readiness
     let r = ready.clone();
     let s2 = stop.clone();
     tokio::spawn(async move {
-        for s in stores {
-            tokio::select! {
-                r = s => if r.is_err() { return; },
-                _ = s2.cancelled() => return,
+        for check in stores {
+            loop {
+                if s2.is_cancelled() {
+                    return;
+                }
+                match tokio::time::timeout(std::time::Duration::from_millis(200), check()).await {
+                    Ok(Ok(())) => break,
+                    Ok(Err(_)) => return,
+                    Err(_) => {}
+                }
             }
         }
         tracing::info!("caches synced; ready");

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -14,7 +13,7 @@ use kube::{Api, Client, Config, CustomResourceExt, Resource};
 use fhirsync::api::{BulkExportRun, BulkExportSync};
 
 /// End-to-end tests run one at a time (one API server for the whole suite).
-pub static SERIAL: Mutex<()> = Mutex::new(());
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Path of the test API server's kubeconfig (set by `.ci/run`).
 pub fn kubeconfig() -> PathBuf {
@@ -40,10 +39,13 @@ pub async fn install_crds(client: &Client) {
     for crd in [BulkExportSync::crd(), BulkExportRun::crd()] {
         let name = crd.metadata.name.clone().unwrap();
         api.patch(&name, &PatchParams::apply("fhirsync-e2e").force(), &Patch::Apply(&crd)).await.expect("apply crd");
-        tokio::time::timeout(Duration::from_secs(30), await_condition(api.clone(), &name, conditions::is_crd_established()))
-            .await
-            .expect("crd established in time")
-            .expect("watch");
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            await_condition(api.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .expect("crd established in time")
+        .expect("watch");
     }
 }
 

@@ -1,6 +1,7 @@
 //! Protocol doubles shared by the test suites.
 #![allow(dead_code)]
 
-pub mod pathling;
-pub mod source;
 pub mod cluster;
+pub mod pathling;
+pub mod s3;
+pub mod source;

@@ -1,0 +1,160 @@
+//! `fhirsync sync-once` end to end: the real binary against the in-process doubles.
+
+mod support;
+
+use std::process::{Command, Output, Stdio};
+
+use support::pathling::{FakePathling, PathlingConfig};
+use support::source::{FakeSource, SourceConfig, resources};
+
+struct Cli {
+    source: FakeSource,
+    pathling: FakePathling,
+    dir: tempfile::TempDir,
+}
+
+impl Cli {
+    async fn new(cfg: SourceConfig) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pcfg = PathlingConfig {
+            roots: vec![("file:///staging".into(), dir.path().join("staging"))],
+            ..Default::default()
+        };
+        Self { source: FakeSource::start(cfg).await, pathling: FakePathling::start(pcfg).await, dir }
+    }
+
+    fn write_sync(&self, extra_source: &str, extra_spec: &str) -> std::path::PathBuf {
+        let yaml = format!(
+            "apiVersion: fhirsync.io/v1alpha1\nkind: BulkExportSync\nmetadata: {{name: demo, namespace: cli}}\nspec:\n  \
+             source: {{url: \"{}\"{extra_source}}}\n  target: {{url: \"{}\"}}\n  \
+             staging: {{volume: {{path: \"{}\", pathlingPath: \"file:///staging\"}}}}\n{extra_spec}",
+            self.source.base,
+            self.pathling.base,
+            self.dir.path().join("staging").display()
+        );
+        let p = self.dir.path().join("sync.yaml");
+        std::fs::write(&p, yaml).unwrap();
+        p
+    }
+
+    fn state(&self) -> std::path::PathBuf {
+        self.dir.path().join("state.json")
+    }
+
+    /// Runs the binary off the async runtime (the doubles keep serving meanwhile).
+    async fn run(&self, args: Vec<String>) -> Output {
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_fhirsync")).args(&args).stdin(Stdio::null()).output().unwrap()
+        })
+        .await
+        .unwrap()
+    }
+}
+
+fn data() -> SourceConfig {
+    SourceConfig {
+        files: vec![
+            ("Patient".into(), resources("Patient", "p", 24)),
+            ("Observation".into(), resources("Observation", "o", 300)),
+        ],
+        ..Default::default()
+    }
+}
+
+fn s(x: &std::path::Path) -> String {
+    x.display().to_string()
+}
+
+#[tokio::test]
+async fn sync_once_imports_prints_a_summary_and_goes_incremental_with_state() {
+    let c = Cli::new(data()).await;
+    let f = c.write_sync("", "");
+    let args =
+        vec!["sync-once".into(), "-f".into(), s(&f), "--state".into(), s(&c.state()), "--output".into(), "json".into()];
+    let out = c.run(args.clone()).await;
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+    assert_eq!(summary["phase"], "Succeeded");
+    assert_eq!(summary["totalResources"], 324);
+    assert_eq!(summary["resources"]["Observation"], 300);
+    assert!(summary["since"].is_null());
+    let watermark = summary["watermark"].as_str().expect("watermark").to_string();
+    assert_eq!(c.pathling.counts().get("Observation"), Some(&300));
+    // progress went to stderr as plain lines (no terminal)
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Transferring") || err.contains("Importing"), "{err}");
+
+    // the second invocation is incremental
+    let out = c.run(args).await;
+    assert_eq!(out.status.code(), Some(0));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["since"].as_str(), Some(watermark.as_str()));
+    assert_eq!(c.source.log().kickoffs[1].param("_since").as_deref(), Some(watermark.as_str()));
+}
+
+#[tokio::test]
+async fn sync_once_resumes_an_interrupted_run_from_the_state_file() {
+    let c = Cli::new(SourceConfig { polls_before_done: 1_000_000, ..data() }).await;
+    let f = c.write_sync("", "");
+    let args = vec!["sync-once".to_string(), "-f".into(), s(&f), "--state".into(), s(&c.state())];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fhirsync"))
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    c.source.wait_for(|l| l.polls >= 2).await;
+    child.kill().unwrap(); // cron job killed mid-poll
+    child.wait().unwrap();
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(c.state()).unwrap()).unwrap();
+    assert_eq!(state["run"]["status"]["phase"], "Exporting");
+    c.source.configure(|cfg| cfg.polls_before_done = 0);
+    let out = c.run(args).await;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming"));
+    assert_eq!(c.source.log().accepted, 1, "the same export was resumed");
+    assert_eq!(c.pathling.log().imports.len(), 1);
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(c.state()).unwrap()).unwrap();
+    assert!(state["run"].is_null(), "the finished run leaves the state file");
+    assert!(state["watermark"].is_string());
+}
+
+#[tokio::test]
+async fn sync_once_fails_with_a_reason_and_a_non_zero_exit() {
+    let c = Cli::new(SourceConfig { bearer: Some("right".into()), ..data() }).await;
+    let secrets = c.dir.path().join("secrets");
+    std::fs::create_dir_all(secrets.join("src")).unwrap();
+    std::fs::write(secrets.join("src").join("token"), "wrong-token-value").unwrap();
+    let f = c.write_sync(", auth: {bearerToken: {tokenRef: {name: src, key: token}}}", "");
+    let out = c.run(vec!["sync-once".into(), "-f".into(), s(&f), "--secrets-dir".into(), s(&secrets)]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Failed (AuthFailed)"), "{text}");
+    assert!(text.contains("check the auth block"), "{text}");
+    let all = format!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!all.contains("wrong-token-value"), "the secret never appears in output");
+
+    // a missing Secret names the Secret and key
+    let out = c
+        .run(vec!["sync-once".into(), "-f".into(), s(&f), "--secrets-dir".into(), s(&c.dir.path().join("nowhere"))])
+        .await;
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Secret cli/src not found"), "{text}");
+}
+
+#[tokio::test]
+async fn sync_once_rejects_an_invalid_file_with_exit_2() {
+    let c = Cli::new(data()).await;
+    let f = c.write_sync("", "  export: {level: Group}\n");
+    let out = c.run(vec!["sync-once".into(), "-f".into(), s(&f)]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("spec.export.groupId is required"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(c.source.log().kickoffs.is_empty());
+    let out = c.run(vec!["sync-once".into(), "-f".into(), "/nonexistent.yaml".into()]).await;
+    assert_eq!(out.status.code(), Some(2));
+}
