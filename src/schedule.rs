@@ -31,6 +31,21 @@ impl Schedule {
     }
 }
 
+impl Schedule {
+    /// The latest slot in `(from, now]`, if any: missed slots (an operator that was down) give one
+    /// catch-up run, not one per slot.
+    pub fn latest_due(&self, from: Timestamp, now: Timestamp) -> Option<Timestamp> {
+        let mut slot = self.next_after(from).filter(|s| *s <= now)?;
+        while let Some(n) = self.next_after(slot) {
+            if n > now {
+                break;
+            }
+            slot = n;
+        }
+        Some(slot)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,5 +60,15 @@ mod tests {
         assert!(Schedule::parse("61 * * * *", "Etc/UTC").is_err());
         assert!(Schedule::parse("* * * * * *", "Etc/UTC").is_err());
         assert!(Schedule::parse("* * * * *", "Mars/Base").unwrap_err().contains("time zone"));
+    }
+
+    #[test]
+    fn missed_slots_give_one_catch_up_run() {
+        let s = Schedule::parse("0 */6 * * *", "Etc/UTC").unwrap();
+        let from: Timestamp = "2026-11-25T00:00:00Z".parse().unwrap();
+        let now: Timestamp = "2026-11-26T13:10:00Z".parse().unwrap();
+        assert_eq!(s.latest_due(from, now).unwrap().to_string(), "2026-11-26T12:00:00Z");
+        let just_ran: Timestamp = "2026-11-26T12:00:00Z".parse().unwrap();
+        assert_eq!(s.latest_due(just_ran, now), None);
     }
 }

@@ -149,6 +149,17 @@ async fn a_sync_runs_imports_and_then_goes_incremental() {
     let runs = w.runs_of("hospital-a").await;
     assert_eq!(runs.len(), 1);
     assert_eq!(runs[0].spec.since.as_ref().map(|t| t.0), Some(watermark));
+    // changing the export resets the watermark: the run for the new generation is a full export
+    w.apply_sync("hospital-a", json!({"historyLimit": 1, "export": {"types": ["Patient"]}})).await;
+    let s = wait_for(&w.syncs, "hospital-a", 60, "third run folded", |s| {
+        s.status.as_ref().and_then(|st| st.last_successful_run.as_ref()).is_some_and(|l| l.name != runs[0].name_any())
+    })
+    .await;
+    let k = w.source.log().kickoffs;
+    assert_eq!(k.len(), 3);
+    assert_eq!(k[2].param("_since"), None, "a changed query starts over with a full export");
+    assert_eq!(k[2].param("_type").as_deref(), Some("Patient"));
+    assert!(s.status.unwrap().watermark.is_some(), "and sets a new watermark");
     // printer columns
     let out = std::process::Command::new("kubectl")
         .args(["--kubeconfig", &cluster::kubeconfig().display().to_string(), "get", "bes,ber", "-n", &w.ns])
@@ -289,4 +300,27 @@ async fn admin_endpoints_and_graceful_shutdown() {
 
 fn ready_true(s: &BulkExportSync) -> bool {
     ready(s).is_some_and(|r| r.0 == "True")
+}
+
+#[tokio::test]
+async fn a_cron_schedule_starts_runs_and_reports_the_next_one() {
+    let _g = SERIAL.lock().await;
+    let w = World::new("cron", data()).await;
+    let _op = w.operator();
+    w.apply_sync("hospital-e", json!({"schedule": "* * * * *"})).await;
+    let s = wait_for(&w.syncs, "hospital-e", 30, "next run reported", |s| {
+        s.status.as_ref().is_some_and(|st| st.next_schedule_time.is_some())
+    })
+    .await;
+    let next = s.status.unwrap().next_schedule_time.unwrap().0;
+    assert!(next > jiff::Timestamp::now().checked_sub(jiff::SignedDuration::from_secs(1)).unwrap());
+    assert_eq!(next.as_second() % 60, 0, "on a minute boundary");
+    // the scheduled run happens at that minute
+    let s = wait_for(&w.syncs, "hospital-e", 90, "scheduled run succeeded", ready_true).await;
+    let runs = w.runs_of("hospital-e").await;
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].spec.trigger, fhirsync::api::Trigger::Schedule);
+    let st = s.status.unwrap();
+    assert!(st.last_schedule_time.unwrap().0 >= next);
+    assert!(st.next_schedule_time.unwrap().0 > next, "the next slot moved on");
 }

@@ -510,3 +510,26 @@ async fn ping_and_pull_hands_the_export_to_pathling() {
     assert_eq!(get("_since")[0]["valueInstant"], "2026-11-01T00:00:00Z");
     assert!(st.kickoff_time.is_some(), "the watermark comes from fhirsync's clock");
 }
+
+#[tokio::test]
+async fn a_truncated_staged_file_is_downloaded_again_on_resume() {
+    let env = Env::new(two_types()).await;
+    let engine = env.engine("r1", None).await.unwrap();
+    let mut st = BulkExportRunStatus::default();
+    let mut mem = run::Memory::default();
+    let (tx, _rx) = watch::channel(st.clone());
+    while st.phase != Phase::Transferring {
+        engine.step(&mut st, &mut mem, &tx).await;
+    }
+    // a node crash left a short file under the final name
+    let dir = env.staging().join("ns1").join("r1");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("Patient.00000.ndjson"), resources("Patient", "p", 5).join("\n")).unwrap();
+    drop((engine, mem));
+    let engine = env.engine("r1", None).await.unwrap();
+    drive(&engine, &mut st).await;
+    assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
+    assert_eq!(st.resources.get("Patient"), Some(&24));
+    assert!(env.source.log().downloads.iter().any(|(n, _)| n == "out-0.ndjson"));
+    assert_eq!(env.pathling.counts().get("Patient"), Some(&24));
+}

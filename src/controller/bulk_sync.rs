@@ -262,18 +262,8 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
             .map(|t| t.0)
             .or_else(|| sync.creation_timestamp().map(|t| t.0))
             .unwrap_or(now);
-        if let Some(slot) = s.next_after(from)
-            && slot <= now
-        {
-            // missed slots while down: one catch-up run for the latest one
-            let mut latest = slot;
-            while let Some(n) = s.next_after(latest) {
-                if n > now {
-                    break;
-                }
-                latest = n;
-            }
-            due = Some((Trigger::Schedule, latest));
+        if let Some(slot) = s.latest_due(from, now) {
+            due = Some((Trigger::Schedule, slot));
         }
     } else if st.last_run_generation != gen_ {
         due = Some((Trigger::Schedule, now));

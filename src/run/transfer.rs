@@ -88,35 +88,45 @@ pub async fn stage_file(
     requires_token: bool,
     tally: &Arc<Mutex<Tally>>,
 ) -> Result<(), FileError> {
-    let (lines, bytes) = if staging.exists(&job.name).await? {
+    let mut staged = None;
+    if staging.exists(&job.name).await? {
+        // staged by an earlier attempt or process: count it, and trust it only if it matches
         let mut s = staging.read(&job.name).await?;
         let (mut c, mut n) = (LineCounter::default(), 0u64);
         while let Some(chunk) = s.try_next().await? {
             c.feed(&chunk);
             n += chunk.len() as u64;
         }
-        (c.total(), n)
-    } else {
-        let stream = source.download(&job.file.url, requires_token).await?;
-        let mut w = staging.create(&job.name).await?;
-        match copy(stream, w.as_mut()).await {
-            Ok((lines, bytes)) => {
-                if let Some(expected) = job.file.count
-                    && expected != lines
-                {
-                    w.abort().await;
-                    return Err(FileError::CountMismatch {
-                        what: format!("{} file {}", job.file.type_, job.name),
-                        expected,
-                        got: lines,
-                    });
+        if job.file.count.is_none_or(|expected| expected == c.total()) {
+            staged = Some((c.total(), n));
+        } else {
+            tracing::warn!(file = %job.name, "a staged file does not match the manifest count; downloading it again");
+        }
+    }
+    let (lines, bytes) = match staged {
+        Some(x) => x,
+        None => {
+            let stream = source.download(&job.file.url, requires_token).await?;
+            let mut w = staging.create(&job.name).await?;
+            match copy(stream, w.as_mut()).await {
+                Ok((lines, bytes)) => {
+                    if let Some(expected) = job.file.count
+                        && expected != lines
+                    {
+                        w.abort().await;
+                        return Err(FileError::CountMismatch {
+                            what: format!("{} file {}", job.file.type_, job.name),
+                            expected,
+                            got: lines,
+                        });
+                    }
+                    w.finish().await?;
+                    (lines, bytes)
                 }
-                w.finish().await?;
-                (lines, bytes)
-            }
-            Err(e) => {
-                w.abort().await;
-                return Err(e);
+                Err(e) => {
+                    w.abort().await;
+                    return Err(e);
+                }
             }
         }
     };
