@@ -247,6 +247,30 @@ async fn invalid_syncs_are_refused_or_reported() {
     let bad = w.sync_manifest("bad", json!({"runTimeout": "a day"}));
     let err = w.syncs.create(&PostParams::default(), &serde_json::from_value(bad).unwrap()).await.unwrap_err();
     assert!(err.to_string().contains("runTimeout"), "{err}");
+    // every example in examples/ is accepted by the API server (server-side dry run)
+    let client = cluster::client().await;
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut v: serde_json::Value = serde_yaml::from_str(&text).unwrap();
+        v["metadata"]["namespace"] = json!(w.ns);
+        let dry = PostParams { dry_run: true, ..Default::default() };
+        let r = match v["kind"].as_str() {
+            Some("BulkExportSync") => Api::<BulkExportSync>::namespaced(client.clone(), &w.ns)
+                .create(&dry, &serde_json::from_value(v).unwrap())
+                .await
+                .map(|_| ()),
+            Some("BulkExportRun") => Api::<BulkExportRun>::namespaced(client.clone(), &w.ns)
+                .create(&dry, &serde_json::from_value(v).unwrap())
+                .await
+                .map(|_| ()),
+            k => panic!("{}: unexpected kind {k:?}", path.display()),
+        };
+        r.unwrap_or_else(|e| panic!("{} is refused: {e}", path.display()));
+    }
     // a schedule of the right shape that does not parse: a condition, not a crash loop
     let _op = w.operator();
     w.apply_sync("odd", json!({"schedule": "61 * * * *"})).await;
