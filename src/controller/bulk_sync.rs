@@ -23,7 +23,7 @@ use crate::api::{
     ANNOTATION_RESET_WATERMARK, ANNOTATION_RUN_NOW, BulkExportRun, BulkExportRunSpec, BulkExportSync,
     BulkExportSyncStatus, FIELD_MANAGER, LABEL_SYNC, Phase, RunSummary, SyncRef, Trigger, parse_duration,
 };
-use crate::cli::sync_once::watermark_scope;
+use crate::cli::sync_once::{fingerprint, watermark_scope};
 use crate::schedule::Schedule;
 
 /// Builds the controller future and a future that resolves once its cache has synced.
@@ -59,8 +59,16 @@ fn error_policy(sync: Arc<BulkExportSync>, e: &Error, ctx: Arc<Context>) -> Acti
     Action::requeue(Duration::from_secs(10))
 }
 
-async fn patch_status(api: &Api<BulkExportSync>, name: &str, st: &BulkExportSyncStatus) -> Result<(), kube::Error> {
-    let body = json!({"apiVersion": "fhirsync.io/v1alpha1", "kind": "BulkExportSync", "status": st});
+/// Writes the status with server-side apply, guarded by the resourceVersion the decision was made on:
+/// a decision taken on a stale cached object fails with 409 and is taken again on fresh data.
+async fn patch_status(
+    api: &Api<BulkExportSync>,
+    name: &str,
+    rv: Option<&str>,
+    st: &BulkExportSyncStatus,
+) -> Result<(), kube::Error> {
+    let body = json!({"apiVersion": "fhirsync.io/v1alpha1", "kind": "BulkExportSync",
+                      "metadata": {"resourceVersion": rv}, "status": st});
     api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await.map(|_| ())
 }
 
@@ -123,7 +131,7 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
             "no runs while the spec is invalid",
             gen_,
         );
-        return finish(&syncs, &name, &before, &st, Action::await_change()).await;
+        return finish(&syncs, &sync, &before, &st, Action::await_change()).await;
     }
     let schedule = match &sync.spec.schedule {
         Some(expr) => match Schedule::parse(expr, &sync.spec.time_zone) {
@@ -146,7 +154,7 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
                     gen_,
                 );
                 st.next_schedule_time = None;
-                return finish(&syncs, &name, &before, &st, Action::await_change()).await;
+                return finish(&syncs, &sync, &before, &st, Action::await_change()).await;
             }
         },
         None => None,
@@ -242,9 +250,10 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
 
     // 4. is a run due?
     let run_now = sync.annotations().get(ANNOTATION_RUN_NOW).cloned();
-    let mut due: Option<(Trigger, Timestamp)> = None;
-    if run_now.is_some() && run_now != st.handled_run_now {
-        due = Some((Trigger::RunNow, now));
+    let base = truncate(&name, 200).to_string();
+    let mut due: Option<(Trigger, Timestamp, String)> = None;
+    if let Some(v) = run_now.as_ref().filter(|_| run_now != st.handled_run_now) {
+        due = Some((Trigger::RunNow, now, format!("{base}-now-{}", &fingerprint(v)[..10])));
     } else if sync.spec.suspend {
         let ok = st.last_successful_run.is_some() && !is_true(&st.conditions, types::DEGRADED);
         set_condition(
@@ -263,12 +272,12 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
             .or_else(|| sync.creation_timestamp().map(|t| t.0))
             .unwrap_or(now);
         if let Some(slot) = s.latest_due(from, now) {
-            due = Some((Trigger::Schedule, slot));
+            due = Some((Trigger::Schedule, slot, format!("{base}-{}", slot.as_second() / 60)));
         }
     } else if st.last_run_generation != gen_ {
-        due = Some((Trigger::Schedule, now));
+        due = Some((Trigger::Schedule, now, format!("{base}-g{}", gen_.unwrap_or(0))));
     }
-    if let Some((trigger, slot)) = due {
+    if let Some((trigger, slot, run_name)) = due {
         if active.is_some() {
             tracing::debug!(sync = %name, "run due but one is in flight; waiting");
         } else {
@@ -277,11 +286,6 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
             } else {
                 sync.spec.export.since.as_ref().map(|t| t.0)
             };
-            let run_name = format!(
-                "{}-{}",
-                truncate(&name, 200),
-                slot.as_second() / 60 + if trigger == Trigger::RunNow { 1 } else { 0 }
-            );
             let run = BulkExportRun {
                 metadata: ObjectMeta {
                     name: Some(run_name.clone()),
@@ -293,6 +297,7 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
                 spec: BulkExportRunSpec { sync_ref: SyncRef { name: name.clone() }, since: since.map(Time), trigger },
                 status: None,
             };
+            let mut created_before = false;
             match runs_api
                 .create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &run)
                 .await
@@ -310,10 +315,16 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
                     )
                     .await;
                 }
-                Err(kube::Error::Api(s)) if s.code == 409 => {} // created before a crash: adopt it
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    // created before a crash or by a decision whose status write was lost: the run's
+                    // deterministic name makes this idempotent; adopt it unless it already finished
+                    created_before = runs_api.get_opt(&run_name).await?.is_some_and(|r| run_is_finished(&r));
+                }
                 Err(e) => return Err(e.into()),
             }
-            st.active_run = Some(run_name.clone());
+            if !created_before {
+                st.active_run = Some(run_name.clone());
+            }
             st.last_schedule_time = Some(Time(slot.min(now)));
             if trigger == Trigger::RunNow {
                 st.handled_run_now = run_now;
@@ -366,7 +377,7 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
     } else {
         Action::requeue(Duration::from_secs(600))
     };
-    finish(&syncs, &name, &before, &st, action).await
+    finish(&syncs, &sync, &before, &st, action).await
 }
 
 /// Folds a finished run into the sync's status: results, watermark, conditions.
@@ -439,15 +450,16 @@ fn truncate(s: &str, n: usize) -> &str {
 
 async fn finish(
     api: &Api<BulkExportSync>,
-    name: &str,
+    sync: &BulkExportSync,
     before: &BulkExportSyncStatus,
     st: &BulkExportSyncStatus,
     action: Action,
 ) -> Result<Action, Error> {
     if st != before {
-        match patch_status(api, name, st).await {
+        match patch_status(api, &sync.name_any(), sync.resource_version().as_deref(), st).await {
             Ok(()) => {}
             Err(kube::Error::Api(s)) if s.code == 404 => return Ok(Action::await_change()),
+            Err(kube::Error::Api(s)) if s.code == 409 => return Ok(Action::requeue(Duration::from_millis(200))),
             Err(e) => return Err(e.into()),
         }
     }
