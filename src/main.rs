@@ -17,6 +17,16 @@ enum Command {
     Run(Box<fhirsync::controller::RunArgs>),
     /// Print all CRDs as YAML.
     Crds,
+    /// Print the public JWK Set of a private key (PEM or JWK), to register fhirsync with a server
+    /// for SMART Backend Services.
+    Jwks {
+        /// The private key file.
+        #[arg(short = 'f', long = "key")]
+        key: std::path::PathBuf,
+        /// Key id (`kid`), the value of smartBackendServices.keyId.
+        #[arg(long)]
+        kid: String,
+    },
     /// One run of the BulkExportSync in FILE, without a cluster.
     SyncOnce {
         #[command(flatten)]
@@ -41,6 +51,19 @@ fn main() {
             Err(e) => {
                 eprintln!("error: {e}");
                 1
+            }
+        },
+        Command::Jwks { key, kid } => match std::fs::read(&key)
+            .map_err(|e| format!("{}: {e}", key.display()))
+            .and_then(|b| fhirsync::auth::keys::parse_private_key(&b))
+        {
+            Ok(k) => {
+                println!("{}", serde_json::to_string_pretty(&k.jwks(&kid)).unwrap_or_default());
+                0
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                2
             }
         },
         Command::SyncOnce { args, log_format, log_level } => {

@@ -158,3 +158,70 @@ async fn sync_once_rejects_an_invalid_file_with_exit_2() {
     let out = c.run(vec!["sync-once".into(), "-f".into(), "/nonexistent.yaml".into()]).await;
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[tokio::test]
+async fn sync_once_runs_smart_backend_services_with_secrets_from_files() {
+    use support::smart::FakeAuth;
+    let auth = FakeAuth::start(std::time::Duration::from_secs(60)).await;
+    auth.register_keys("fhirsync");
+    let cfg = SourceConfig {
+        token_check: Some(auth.checker()),
+        smart_token_endpoint: Some(auth.token_url.clone()),
+        ..data()
+    };
+    let c = Cli::new(cfg).await;
+    let secrets = c.dir.path().join("secrets");
+    std::fs::create_dir_all(secrets.join("smart")).unwrap();
+    std::fs::copy(support::tls::fixture("ec-sec1.pem"), secrets.join("smart").join("key")).unwrap();
+    let f = c.write_sync(
+        ", auth: {smartBackendServices: {clientId: fhirsync, keyId: ec-1, privateKeyRef: {name: smart, key: key}}}",
+        "",
+    );
+    let out = c.run(vec!["sync-once".into(), "-f".into(), s(&f), "--secrets-dir".into(), s(&secrets)]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(c.pathling.counts().get("Observation"), Some(&300));
+
+    // the wrong key: exit 1 and the same message the operator puts in its condition
+    std::fs::copy(support::tls::fixture("other-rsa.pem"), secrets.join("smart").join("key")).unwrap();
+    let f = c.write_sync(
+        ", auth: {smartBackendServices: {clientId: fhirsync, keyId: rsa-1, privateKeyRef: {name: smart, key: key}}}",
+        "",
+    );
+    let out = c.run(vec!["sync-once".into(), "-f".into(), s(&f), "--secrets-dir".into(), s(&secrets)]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Failed (AuthFailed)") && text.contains("invalid_client") && text.contains("keyId"),
+        "{text}"
+    );
+    assert!(!text.contains("eyJ") && !String::from_utf8_lossy(&out.stderr).contains("eyJ"), "no assertion in output");
+}
+
+#[tokio::test]
+async fn jwks_prints_the_public_key_to_register() {
+    let c = Cli::new(data()).await;
+    let out = c
+        .run(vec![
+            "jwks".into(),
+            "-f".into(),
+            s(&support::tls::fixture("rsa-pkcs1.pem")),
+            "--kid".into(),
+            "key-1".into(),
+        ])
+        .await;
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let k = &v["keys"][0];
+    assert_eq!(k["kid"], "key-1");
+    assert_eq!(k["alg"], "RS384");
+    assert!(k.get("d").is_none(), "never the private part");
+    let registered: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(support::tls::fixture("jwks.json")).unwrap()).unwrap();
+    assert_eq!(k["n"], registered["keys"][0]["n"]);
+}

@@ -4,6 +4,9 @@
 use std::fmt;
 use std::sync::Arc;
 
+pub mod keys;
+pub mod oauth;
+
 use base64::Engine;
 use futures::future::BoxFuture;
 use reqwest::header::HeaderValue;
@@ -47,6 +50,8 @@ pub enum AuthConfig {
     Bearer { token: SecretString },
     /// HTTP Basic.
     Basic { username: String, password: SecretString },
+    /// OAuth2 client credentials (client secret) or SMART Backend Services (signed assertion).
+    OAuth(Box<oauth::OAuthConfig>),
 }
 
 /// Produces the `Authorization` header for requests to one origin.
@@ -78,9 +83,11 @@ impl AuthProvider for StaticAuth {
     }
 }
 
-/// Builds the provider for a resolved configuration.
-pub fn provider(config: &AuthConfig) -> Result<Arc<dyn AuthProvider>, AuthError> {
+/// Builds the provider for a resolved configuration. `http` is the client used for token requests
+/// (it never carries the provider's own tokens).
+pub fn provider(config: &AuthConfig, http: reqwest::Client) -> Result<Arc<dyn AuthProvider>, AuthError> {
     let raw = match config {
+        AuthConfig::OAuth(c) => return Ok(Arc::new(oauth::OAuthProvider::new((**c).clone(), http))),
         AuthConfig::Bearer { token } => format!("Bearer {}", token.expose().trim()),
         AuthConfig::Basic { username, password } => {
             let pair = format!("{username}:{}", password.expose().trim_end_matches(['\n', '\r']));

@@ -187,36 +187,42 @@ impl Request {
 
 const MAX_REDIRECTS: usize = 10;
 
+/// Builds the underlying HTTP client for a configuration: TLS roots, client certificate, timeouts, no
+/// automatic redirects (they are followed by [`HttpClient::send`]), proxies from the environment.
+pub fn build_reqwest(cfg: &ClientConfig) -> Result<reqwest::Client, Error> {
+    init_tls();
+    let mut b = reqwest::Client::builder()
+        .tls_backend_rustls()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(cfg.connect_timeout)
+        .read_timeout(cfg.idle_timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .user_agent(concat!("fhirsync/", env!("CARGO_PKG_VERSION")));
+    if let Some(pem) = &cfg.ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| Error::Config(format!("the CA bundle is not valid PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(Error::Config("the CA bundle holds no certificate".into()));
+        }
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    if let Some(pem) = &cfg.client_identity_pem {
+        let id = reqwest::Identity::from_pem(pem)
+            .map_err(|e| Error::Config(format!("the client certificate and key are not a valid PEM pair: {e}")))?;
+        b = b.identity(id);
+    }
+    if cfg.insecure_skip_verify {
+        b = b.tls_danger_accept_invalid_certs(true);
+    }
+    b.build().map_err(|e| Error::Config(format!("cannot build HTTP client: {e}")))
+}
+
 impl HttpClient {
     /// Builds a client.
     pub fn new(cfg: &ClientConfig) -> Result<Self, Error> {
-        init_tls();
-        let mut b = reqwest::Client::builder()
-            .tls_backend_rustls()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(cfg.connect_timeout)
-            .read_timeout(cfg.idle_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .user_agent(concat!("fhirsync/", env!("CARGO_PKG_VERSION")));
-        if let Some(pem) = &cfg.ca_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| Error::Config(format!("the CA bundle is not valid PEM: {e}")))?;
-            if certs.is_empty() {
-                return Err(Error::Config("the CA bundle holds no certificate".into()));
-            }
-            for c in certs {
-                b = b.add_root_certificate(c);
-            }
-        }
-        if let Some(pem) = &cfg.client_identity_pem {
-            let id = reqwest::Identity::from_pem(pem)
-                .map_err(|e| Error::Config(format!("the client certificate and key are not a valid PEM pair: {e}")))?;
-            b = b.identity(id);
-        }
-        if cfg.insecure_skip_verify {
-            b = b.tls_danger_accept_invalid_certs(true);
-        }
-        let http = b.build().map_err(|e| Error::Config(format!("cannot build HTTP client: {e}")))?;
+        let http = build_reqwest(cfg)?;
         Ok(Self { http, base: cfg.base_url.clone(), auth: cfg.auth.clone(), response_timeout: cfg.response_timeout })
     }
 

@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use url::Url;
 
-use crate::api::{self, BulkExportSyncSpec, ExportLevel, FhirServer, parse_duration};
-use crate::auth::{self, AuthConfig, SecretString};
+use crate::api::{self, BulkExportSyncSpec, ClientAuthMethod, ExportLevel, FhirServer, parse_duration};
+use crate::auth::oauth::{Grant, OAuthConfig};
+use crate::auth::{self, AuthConfig, SecretString, keys};
 use crate::fhir::bulk::{BulkClient, ExportRequest, Level};
-use crate::fhir::client::{ClientConfig, HttpClient};
+use crate::fhir::client::{ClientConfig, HttpClient, build_reqwest};
 use crate::pathling::PathlingClient;
 use crate::secrets::{SecretError, SecretSource};
 use crate::staging::Staging;
@@ -56,34 +57,7 @@ pub async fn http_client(
     let base = Url::parse(&server.url).map_err(|e| {
         Failure::new(Reason::InvalidSpec, format!("{what}.url {:?} is not a valid URL: {e}", server.url))
     })?;
-    let mut cfg = ClientConfig::new(base);
-    let mut key = format!("{}|anonymous", server.url.trim_end_matches('/'));
-    if let Some(a) = &server.auth {
-        let ac = if let Some(b) = &a.bearer_token {
-            key = format!("{}|bearer:{}/{}", server.url, b.token_ref.name, b.token_ref.key);
-            Some(AuthConfig::Bearer { token: secret_string(secrets, ns, &b.token_ref).await? })
-        } else if let Some(b) = &a.basic {
-            key = format!("{}|basic:{}", server.url, b.username);
-            Some(AuthConfig::Basic {
-                username: b.username.clone(),
-                password: secret_string(secrets, ns, &b.password_ref).await?,
-            })
-        } else if a.client_credentials.is_some() || a.smart_backend_services.is_some() {
-            return Err(Failure::new(
-                Reason::AuthFailed,
-                format!(
-                    "{what}.auth: clientCredentials and smartBackendServices are not supported by fhirsync {} yet; use bearerToken or basic",
-                    env!("CARGO_PKG_VERSION")
-                ),
-            ));
-        } else {
-            None
-        };
-        if let Some(ac) = ac {
-            cfg.auth =
-                Some(auth::provider(&ac).map_err(|e| Failure::new(Reason::AuthFailed, format!("{what}.auth: {e}")))?);
-        }
-    }
+    let mut cfg = ClientConfig::new(base.clone());
     let mut insecure = false;
     if let Some(t) = &server.tls {
         if let Some(ca) = &t.ca_ref {
@@ -105,6 +79,74 @@ pub async fn http_client(
         cfg.connect_timeout = d(&t.connect, "connect")?;
         cfg.response_timeout = d(&t.response, "response")?;
         cfg.idle_timeout = d(&t.idle, "idle")?;
+    }
+    let mut key = format!("{}|anonymous", server.url.trim_end_matches('/'));
+    if let Some(a) = &server.auth {
+        let token_url = |u: &Option<String>, field: &str| -> Result<Option<Url>, Failure> {
+            u.as_ref()
+                .map(|u| {
+                    Url::parse(u).map_err(|e| {
+                        Failure::new(
+                            Reason::InvalidSpec,
+                            format!("{what}.auth.{field}.tokenUrl {u:?} is not a URL: {e}"),
+                        )
+                    })
+                })
+                .transpose()
+        };
+        let ac = if let Some(b) = &a.bearer_token {
+            key = format!("{}|bearer:{}/{}", server.url, b.token_ref.name, b.token_ref.key);
+            Some(AuthConfig::Bearer { token: secret_string(secrets, ns, &b.token_ref).await? })
+        } else if let Some(b) = &a.basic {
+            key = format!("{}|basic:{}", server.url, b.username);
+            Some(AuthConfig::Basic {
+                username: b.username.clone(),
+                password: secret_string(secrets, ns, &b.password_ref).await?,
+            })
+        } else if let Some(c) = &a.client_credentials {
+            key = format!("{}|client:{}", server.url, c.client_id);
+            Some(AuthConfig::OAuth(Box::new(OAuthConfig {
+                client_id: c.client_id.clone(),
+                grant: Grant::ClientSecret {
+                    secret: secret_string(secrets, ns, &c.client_secret_ref).await?,
+                    basic: c.client_auth_method == ClientAuthMethod::Basic,
+                },
+                token_url: token_url(&c.token_url, "clientCredentials")?,
+                fhir_base: base.clone(),
+                scope: c.scope.clone(),
+                what: format!("{what}.auth.clientCredentials"),
+            })))
+        } else if let Some(c) = &a.smart_backend_services {
+            key = format!("{}|smart:{}", server.url, c.client_id);
+            let raw = secrets.get(ns, &c.private_key_ref).await.map_err(secret_failure)?;
+            let signing = keys::parse_private_key(&raw).map_err(|e| {
+                Failure::new(
+                    Reason::AuthFailed,
+                    format!(
+                        "Secret {ns}/{} key {:?} ({what}.auth.smartBackendServices.privateKeyRef): {e}",
+                        c.private_key_ref.name, c.private_key_ref.key
+                    ),
+                )
+            })?;
+            Some(AuthConfig::OAuth(Box::new(OAuthConfig {
+                client_id: c.client_id.clone(),
+                grant: Grant::Assertion { key: signing, key_id: c.key_id.clone() },
+                token_url: token_url(&c.token_url, "smartBackendServices")?,
+                fhir_base: base.clone(),
+                scope: c.scope.clone(),
+                what: format!("{what}.auth.smartBackendServices"),
+            })))
+        } else {
+            None
+        };
+        if let Some(ac) = ac {
+            let token_http =
+                build_reqwest(&cfg).map_err(|e| Failure::new(Reason::InvalidSpec, format!("{what}.tls: {e}")))?;
+            cfg.auth = Some(
+                auth::provider(&ac, token_http)
+                    .map_err(|e| Failure::new(Reason::AuthFailed, format!("{what}.auth: {e}")))?,
+            );
+        }
     }
     let client = HttpClient::new(&cfg).map_err(|e| Failure::new(Reason::InvalidSpec, format!("{what}.tls: {e}")))?;
     Ok(Resolved { client, insecure, key })

@@ -2,6 +2,9 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod engine;
 pub mod pathling;
 pub mod s3;
+pub mod smart;
 pub mod source;
+pub mod tls;

@@ -25,9 +25,25 @@ pub enum PollQuirk {
     TooMany(String),
 }
 
+/// Decides whether a bearer token is valid (e.g. issued and unexpired by a test auth server).
+#[derive(Clone)]
+pub struct TokenCheck(pub Arc<dyn Fn(&str) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for TokenCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenCheck")
+    }
+}
+
 /// How the source behaves.
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
+    /// When set, every request needs a bearer token this accepts.
+    pub token_check: Option<TokenCheck>,
+    /// Serve `.well-known/smart-configuration` with this token endpoint.
+    pub smart_token_endpoint: Option<String>,
+    /// Answer file downloads with a 307 to the same path on this origin.
+    pub redirect_files_to: Option<String>,
     /// Output files: (resource type, NDJSON lines).
     pub files: Vec<(String, Vec<String>)>,
     /// deleted[] files: each a list of Bundle lines.
@@ -84,6 +100,9 @@ impl Default for SourceConfig {
             bearer: None,
             file_base: None,
             transaction_time: None,
+            token_check: None,
+            smart_token_endpoint: None,
+            redirect_files_to: None,
         }
     }
 }
@@ -115,6 +134,8 @@ pub struct SourceLog {
     pub active_exports: i32,
     pub max_active_exports: i32,
     pub unauthorized: u32,
+    /// Authorization headers seen on file downloads and redirects (true = present).
+    pub auth_headers: Vec<(String, bool)>,
 }
 
 struct Job {
@@ -142,6 +163,16 @@ pub struct FakeSource {
 impl FakeSource {
     /// Starts the source on a loopback port.
     pub async fn start(cfg: SourceConfig) -> Self {
+        Self::start_with(cfg, None).await
+    }
+
+    /// Starts the source over HTTPS (certificate from tests/fixtures, signed by fixtures/ca.pem),
+    /// optionally requiring a client certificate signed by the same CA.
+    pub async fn start_tls(cfg: SourceConfig, require_client_cert: bool) -> Self {
+        Self::start_with(cfg, Some(super::tls::server_config(require_client_cert))).await
+    }
+
+    async fn start_with(cfg: SourceConfig, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (changed, _) = watch::channel(0);
@@ -154,14 +185,19 @@ impl FakeSource {
                 next_id: 0,
             })),
             changed,
-            base: format!("http://{addr}/fhir"),
+            base: format!("{}://{addr}/fhir", if tls.is_some() { "https" } else { "http" }),
         };
         let app = Router::new()
             .route("/fhir/{*rest}", get(kickoff))
             .route("/status/{id}", get(poll).delete(cancel))
             .route("/files/{name}", get(file))
             .with_state(me.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+        match tls {
+            None => {
+                tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+            }
+            Some(tls) => super::tls::serve(listener, tls, app),
+        }
         me
     }
 
@@ -200,8 +236,16 @@ impl FakeSource {
 
 fn unauthorized(s: &FakeSource, headers: &HeaderMap) -> Option<Response> {
     let mut i = s.inner.lock().unwrap();
+    let got = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    if let Some(check) = i.cfg.token_check.clone() {
+        let token = got.strip_prefix("Bearer ").unwrap_or("");
+        if check.0(token) {
+            return None;
+        }
+        i.log.unauthorized += 1;
+        return Some((StatusCode::UNAUTHORIZED, outcome("error", "login", "invalid or expired token")).into_response());
+    }
     let want = i.cfg.bearer.clone()?;
-    let got = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
     if got == format!("Bearer {want}") {
         return None;
     }
@@ -225,6 +269,20 @@ async fn kickoff(
 }
 
 fn kickoff_inner(s: &FakeSource, rest: String, q: Option<String>, headers: HeaderMap) -> Response {
+    if rest == ".well-known/smart-configuration" {
+        let te = s.inner.lock().unwrap().cfg.smart_token_endpoint.clone();
+        return match te {
+            Some(te) => (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                json!({"token_endpoint": te, "grant_types_supported": ["client_credentials"],
+                       "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic", "client_secret_post"]})
+                .to_string(),
+            )
+                .into_response(),
+            None => StatusCode::NOT_FOUND.into_response(),
+        };
+    }
     if !rest.ends_with("$export") {
         return (StatusCode::NOT_FOUND, outcome("error", "not-found", "unknown path")).into_response();
     }
@@ -376,6 +434,16 @@ async fn file(State(s): State<FakeSource>, Path(name): Path<String>, headers: He
     let (lines, cut, gzip, need_auth) = {
         let mut i = s.inner.lock().unwrap();
         i.log.downloads.push((name.clone(), had_auth));
+        i.log.auth_headers.push((name.clone(), had_auth));
+        if let Some(to) = i.cfg.redirect_files_to.clone() {
+            drop(i);
+            s.touch();
+            return Response::builder()
+                .status(307)
+                .header(header::LOCATION, format!("{to}/files/{name}"))
+                .body(Body::empty())
+                .unwrap();
+        }
         let n = i.downloads_per_file.entry(name.clone()).or_default();
         *n += 1;
         let first = *n == 1;
