@@ -34,6 +34,13 @@ pub struct SyncLabels {
     pub name: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SubscriptionLabels {
+    pub namespace: String,
+    pub name: String,
+    pub state: String,
+}
+
 /// All metrics of the operator.
 pub struct Metrics {
     pub registry: Registry,
@@ -44,6 +51,7 @@ pub struct Metrics {
     pub resources_imported: Family<TypeLabels, Counter>,
     pub bytes_transferred: Counter,
     pub watermark_age: Family<SyncLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub subscriptions: Family<SubscriptionLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -67,6 +75,12 @@ impl Default for Metrics {
         registry.register("bytes_transferred", "Bytes staged from sources", bytes_transferred.clone());
         let watermark_age = Family::<SyncLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         registry.register("watermark_age_seconds", "Age of each BulkExportSync's watermark", watermark_age.clone());
+        let subscriptions = Family::<SubscriptionLabels, Gauge>::default();
+        registry.register(
+            "subscriptions",
+            "Subscriptions on sources by state (active, requested, failing)",
+            subscriptions.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -76,6 +90,7 @@ impl Default for Metrics {
             resources_imported,
             bytes_transferred,
             watermark_age,
+            subscriptions,
         }
     }
 }

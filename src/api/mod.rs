@@ -3,10 +3,12 @@
 pub mod bulk;
 pub mod common;
 pub mod conditions;
+pub mod subscription;
 pub mod validate;
 
 pub use bulk::*;
 pub use common::*;
+pub use subscription::*;
 
 use kube::CustomResourceExt;
 
@@ -18,13 +20,17 @@ pub const ANNOTATION_RESET_WATERMARK: &str = "fhirsync.io/reset-watermark";
 pub const LABEL_SYNC: &str = "fhirsync.io/sync";
 /// Finalizer on BulkExportRuns (cancel the export and clean staging on delete).
 pub const FINALIZER_RUN: &str = "fhirsync.io/run-cleanup";
+/// Finalizer on FhirSubscriptionSyncs (remove the Subscriptions from the source on delete).
+pub const FINALIZER_SUBSCRIPTIONS: &str = "fhirsync.io/subscription-cleanup";
+/// `meta.tag` system marking the Subscriptions fhirsync owns; the code is `<namespace>/<name>/<uid>`.
+pub const OWNER_TAG_SYSTEM: &str = "https://fhirsync.io/owner";
 /// Field manager for every write the operator makes.
 pub const FIELD_MANAGER: &str = "fhirsync";
 
 /// All CRDs as one multi-document YAML stream (what `fhirsync crds` prints and `crds/` holds).
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     let mut out = String::new();
-    for crd in [BulkExportSync::crd(), BulkExportRun::crd()] {
+    for crd in [BulkExportSync::crd(), BulkExportRun::crd(), FhirSubscriptionSync::crd()] {
         out.push_str("---\n");
         out.push_str(&serde_yaml::to_string(&crd)?);
     }

@@ -20,6 +20,7 @@ use crate::telemetry::LogFormat;
 pub mod bulk_run;
 pub mod bulk_sync;
 pub mod leader;
+pub mod subscription_sync;
 
 /// Flags of `fhirsync run`.
 #[derive(Debug, Clone, clap::Args)]
@@ -190,7 +191,10 @@ pub async fn run_controllers(args: &RunArgs, ctx: Arc<Context>, ready: Readiness
         let (f, s) = bulk_sync::controller(ctx.clone(), ns.clone(), stop.clone());
         futs.push(f);
         stores.push(s);
-        let (f, s) = bulk_run::controller(ctx.clone(), ns, stop.clone());
+        let (f, s) = bulk_run::controller(ctx.clone(), ns.clone(), stop.clone());
+        futs.push(f);
+        stores.push(s);
+        let (f, s) = subscription_sync::controller(ctx.clone(), ns, stop.clone());
         futs.push(f);
         stores.push(s);
     }

@@ -4,3 +4,4 @@ pub mod bulk;
 pub mod client;
 pub mod outcome;
 pub mod retry;
+pub mod subscription;

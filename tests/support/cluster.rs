@@ -10,7 +10,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client, Config, CustomResourceExt, Resource};
 
-use fhirsync::api::{BulkExportRun, BulkExportSync};
+use fhirsync::api::{BulkExportRun, BulkExportSync, FhirSubscriptionSync};
 
 /// End-to-end tests run one at a time (one API server for the whole suite).
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -36,7 +36,7 @@ pub async fn client() -> Client {
 /// Installs (server-side apply) the CRDs and waits until they are established.
 pub async fn install_crds(client: &Client) {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in [BulkExportSync::crd(), BulkExportRun::crd()] {
+    for crd in [BulkExportSync::crd(), BulkExportRun::crd(), FhirSubscriptionSync::crd()] {
         let name = crd.metadata.name.clone().unwrap();
         api.patch(&name, &PatchParams::apply("fhirsync-e2e").force(), &Patch::Apply(&crd)).await.expect("apply crd");
         tokio::time::timeout(

@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod engine;
+pub mod fhir_server;
 pub mod pathling;
 pub mod s3;
 pub mod smart;

@@ -1,0 +1,414 @@
+//! FhirSubscriptionSync controller: ensure, verify, repair and finally remove the rest-hook
+//! Subscriptions on the source. The protocol lives in `fhir::subscription`; this only maps spec to
+//! desired Subscriptions and outcomes to status.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::{Controller, watcher};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::{Context, Error, ReadyCheck};
+use crate::api::conditions::{remove_condition, set_condition, types};
+use crate::api::{
+    FIELD_MANAGER, FINALIZER_SUBSCRIPTIONS, FhirSubscriptionSync, FhirSubscriptionSyncStatus, OWNER_TAG_SYSTEM,
+    SubscriptionState, parse_duration,
+};
+use crate::fhir::client::Error as HttpError;
+use crate::fhir::retry::backoff;
+use crate::fhir::subscription::{Desired, SubscriptionClient, Tag, header_lines};
+use crate::run::resolve;
+
+/// Builds the controller future and its cache-sync check.
+pub fn controller(
+    ctx: Arc<Context>,
+    ns: Option<String>,
+    stop: CancellationToken,
+) -> (BoxFuture<'static, ()>, ReadyCheck) {
+    let api: Api<FhirSubscriptionSync> = match &ns {
+        Some(n) => Api::namespaced(ctx.client.clone(), n),
+        None => Api::all(ctx.client.clone()),
+    };
+    let c =
+        Controller::new(api, watcher::Config::default()).graceful_shutdown_on(async move { stop.cancelled().await });
+    let store = c.store();
+    let fut = Box::pin(super::drain(c.run(reconcile, error_policy, ctx)));
+    (
+        fut,
+        Box::new(move || {
+            let s = store.clone();
+            Box::pin(async move { s.wait_until_ready().await })
+        }),
+    )
+}
+
+fn error_policy(obj: Arc<FhirSubscriptionSync>, e: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(fss = %obj.name_any(), error = %e, "reconcile failed");
+    ctx.metrics
+        .reconcile_failures
+        .get_or_create(&crate::metrics::FailureLabels {
+            kind: "FhirSubscriptionSync".into(),
+            reason: e.reason().into(),
+        })
+        .inc();
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn reconcile(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciles.get_or_create(&crate::metrics::KindLabels { kind: "FhirSubscriptionSync".into() }).inc();
+    let api: Api<FhirSubscriptionSync> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    finalizer(&api, FINALIZER_SUBSCRIPTIONS, obj, |event| async {
+        match event {
+            Finalizer::Apply(o) => apply(o, ctx.clone()).await,
+            Finalizer::Cleanup(o) => cleanup(o, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(e.to_string()))
+}
+
+fn owner_tag(obj: &FhirSubscriptionSync) -> Tag {
+    Tag {
+        system: OWNER_TAG_SYSTEM.into(),
+        code: format!("{}/{}/{}", obj.namespace().unwrap_or_default(), obj.name_any(), obj.uid().unwrap_or_default()),
+    }
+}
+
+async fn write_status(
+    api: &Api<FhirSubscriptionSync>,
+    obj: &FhirSubscriptionSync,
+    before: &FhirSubscriptionSyncStatus,
+    st: &FhirSubscriptionSyncStatus,
+) -> Result<bool, Error> {
+    if st == before {
+        return Ok(true);
+    }
+    let body = json!({"apiVersion": "fhirsync.io/v1alpha1", "kind": "FhirSubscriptionSync",
+                      "metadata": {"resourceVersion": obj.resource_version()}, "status": st});
+    match api.patch_status(&obj.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn http_reason(e: &HttpError) -> &'static str {
+    match e {
+        HttpError::Auth(_) | HttpError::Status { status: 401 | 403, .. } => "AuthFailed",
+        HttpError::Transport { .. } | HttpError::Timeout { .. } => "SourceUnreachable",
+        HttpError::Status { status, .. } if *status >= 500 => "SourceUnreachable",
+        _ => "SubscriptionError",
+    }
+}
+
+/// Sets Ready=False (and Degraded for errors a person must fix) and schedules the next attempt.
+fn not_ready(st: &mut FhirSubscriptionSyncStatus, gen_: Option<i64>, reason: &str, msg: String) {
+    set_condition(&mut st.conditions, types::READY, false, reason, msg.clone(), gen_);
+    let needs_person = matches!(reason, "AuthFailed" | "SourceUnsupported" | "InvalidSpec" | "SubscriptionError");
+    set_condition(
+        &mut st.conditions,
+        types::DEGRADED,
+        needs_person,
+        if needs_person { reason } else { "Transient" },
+        if needs_person { msg } else { "retrying".into() },
+        gen_,
+    );
+}
+
+async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = obj.namespace().unwrap_or_default();
+    let name = obj.name_any();
+    let gen_ = obj.metadata.generation;
+    let api: Api<FhirSubscriptionSync> = Api::namespaced(ctx.client.clone(), &ns);
+    let before = obj.status.clone().unwrap_or_default();
+    let mut st = before.clone();
+    st.observed_generation = gen_;
+    let spec = &obj.spec;
+    let verify = parse_duration(&spec.verify_interval).unwrap_or(Duration::from_secs(300));
+    let retry_soon = Action::requeue(verify.min(Duration::from_secs(30)));
+    if spec.source.tls.as_ref().is_some_and(|t| t.insecure_skip_verify) {
+        set_condition(
+            &mut st.conditions,
+            types::INSECURE_TLS,
+            true,
+            "InsecureSkipVerify",
+            "tls.insecureSkipVerify is in use: server certificates are not verified; configure tls.caRef instead",
+            gen_,
+        );
+    } else {
+        remove_condition(&mut st.conditions, types::INSECURE_TLS);
+    }
+
+    let http = match resolve::http_client(&spec.source, &ns, ctx.secrets.as_ref(), "spec.source").await {
+        Ok(h) => h.client,
+        Err(f) => {
+            not_ready(&mut st, gen_, f.reason.as_str(), f.message);
+            write_status(&api, &obj, &before, &st).await?;
+            return Ok(retry_soon);
+        }
+    };
+    let client = SubscriptionClient::new(http);
+    let caps = match client.capabilities().await {
+        Ok(c) => c,
+        Err(e) => {
+            let reason = match http_reason(&e) {
+                "SubscriptionError" => "SourceUnsupported",
+                r => r,
+            };
+            not_ready(&mut st, gen_, reason, format!("reading the source's CapabilityStatement: {e}"));
+            write_status(&api, &obj, &before, &st).await?;
+            return Ok(retry_soon);
+        }
+    };
+    st.fhir_version = Some(caps.fhir_version.clone());
+    if let Some(why) = caps.unsupported() {
+        not_ready(&mut st, gen_, "SourceUnsupported", why);
+        write_status(&api, &obj, &before, &st).await?;
+        return Ok(Action::requeue(verify));
+    }
+    let headers = match &spec.headers_ref {
+        None => vec![],
+        Some(r) => {
+            let parsed = match ctx.secrets.get(&ns, r).await {
+                Ok(raw) => {
+                    String::from_utf8(raw).map_err(|_| "is not UTF-8 text".to_string()).and_then(|t| header_lines(&t))
+                }
+                Err(e) => {
+                    not_ready(&mut st, gen_, "AuthFailed", format!("spec.headersRef: {e}"));
+                    write_status(&api, &obj, &before, &st).await?;
+                    return Ok(retry_soon);
+                }
+            };
+            match parsed {
+                Ok(h) => h,
+                Err(why) => {
+                    not_ready(
+                        &mut st,
+                        gen_,
+                        "InvalidSpec",
+                        format!("Secret {ns}/{} key {:?} (spec.headersRef): {why}", r.name, r.key),
+                    );
+                    write_status(&api, &obj, &before, &st).await?;
+                    return Ok(retry_soon);
+                }
+            }
+        }
+    };
+    let desired: Vec<Desired> = spec
+        .criteria
+        .iter()
+        .map(|c| Desired {
+            criteria: c.clone(),
+            endpoint: spec.endpoint.clone(),
+            headers: headers.clone(),
+            send_deletes: spec.send_deletes,
+            end: spec.end.as_ref().map(|t| t.0.to_string()),
+            reason: format!("fhirsync {ns}/{name}: deliver changes into Pathling"),
+        })
+        .collect();
+    let prev: HashMap<String, SubscriptionState> =
+        before.subscriptions.iter().map(|s| (s.criteria.clone(), s.clone())).collect();
+    let now = Timestamp::now();
+    // re-request a Subscription seen in error/off at the previous pass, with exponential backoff
+    // (base verifyInterval, at most 30 minutes)
+    let may_retry = |c: &str| match prev.get(c) {
+        Some(p) if matches!(p.status.as_str(), "error" | "off") || p.retries > 0 => {
+            let wait = backoff(p.retries, verify.max(Duration::from_secs(1)), Duration::from_secs(1800));
+            let since = p.last_retry.as_ref().or(p.last_verified.as_ref()).map(|t| t.0).unwrap_or(now);
+            now.duration_since(since).as_secs_f64() >= wait.as_secs_f64()
+        }
+        _ => false,
+    };
+    let tag = owner_tag(&obj);
+    let outcome = match client.reconcile(&tag, &desired, may_retry).await {
+        Ok(o) => o,
+        Err(e) => {
+            let reason = http_reason(&e);
+            let hint = if e.status() == Some(422) {
+                " — the source refused the Subscription: does it allow rest-hook channels (HAPI: hapi.fhir.subscription.resthook_enabled: true) and this criteria?"
+            } else {
+                ""
+            };
+            not_ready(&mut st, gen_, reason, format!("{e}{hint}"));
+            write_status(&api, &obj, &before, &st).await?;
+            return Ok(retry_soon);
+        }
+    };
+    for (what, list) in
+        [("Created", &outcome.created), ("Updated", &outcome.updated), ("Rerequested", &outcome.rerequested)]
+    {
+        for c in list {
+            ctx.event(
+                obj.as_ref(),
+                EventType::Normal,
+                what,
+                "Subscription",
+                format!("{what} the Subscription for {c:?} on the source"),
+            )
+            .await;
+        }
+    }
+    for id in &outcome.deleted {
+        ctx.event(
+            obj.as_ref(),
+            EventType::Normal,
+            "Deleted",
+            "Subscription",
+            format!("deleted Subscription/{id} on the source (no longer wanted)"),
+        )
+        .await;
+    }
+    st.subscriptions = outcome
+        .states
+        .iter()
+        .map(|s| {
+            let p = prev.get(&s.criteria).filter(|p| p.id.as_deref() == Some(s.id.as_str()));
+            let rerequested = outcome.rerequested.contains(&s.criteria);
+            let active = s.status == "active";
+            let retries = match (active, rerequested) {
+                (true, _) => 0,
+                (false, true) => p.map(|p| p.retries).unwrap_or(0) + 1,
+                (false, false) => p.map(|p| p.retries).unwrap_or(0),
+            };
+            SubscriptionState {
+                criteria: s.criteria.clone(),
+                id: Some(s.id.clone()),
+                status: s.status.clone(),
+                // keep showing the last error while a re-requested Subscription is not active yet
+                error: if s.error.is_empty() && !active && retries > 0 {
+                    p.map(|p| p.error.clone()).unwrap_or_default()
+                } else {
+                    s.error.clone()
+                },
+                last_verified: Some(Time(now)),
+                retries,
+                last_retry: if rerequested {
+                    Some(Time(now))
+                } else if active {
+                    None
+                } else {
+                    p.and_then(|p| p.last_retry.clone())
+                },
+            }
+        })
+        .collect();
+    let total = st.subscriptions.len();
+    let active = st.subscriptions.iter().filter(|s| s.status == "active").count();
+    st.active_subscriptions = Some(format!("{active}/{total}"));
+    let failing: Vec<&SubscriptionState> =
+        st.subscriptions.iter().filter(|s| matches!(s.status.as_str(), "error" | "off")).collect();
+    for (state, n) in [("active", active), ("failing", failing.len()), ("requested", total - active - failing.len())] {
+        ctx.metrics
+            .subscriptions
+            .get_or_create(&crate::metrics::SubscriptionLabels {
+                namespace: ns.clone(),
+                name: name.clone(),
+                state: state.into(),
+            })
+            .set(n as i64);
+    }
+    let action = if !failing.is_empty() {
+        let desc: Vec<String> = failing
+            .iter()
+            .map(|s| {
+                format!(
+                    "{:?} (Subscription/{}) is {}{}",
+                    s.criteria,
+                    s.id.clone().unwrap_or_default(),
+                    s.status,
+                    if s.error.is_empty() { String::new() } else { format!(": {}", s.error) }
+                )
+            })
+            .collect();
+        let msg = format!(
+            "{}; re-requested with backoff. Check that the source can reach spec.endpoint and that Pathling accepts its PUTs (headersRef)",
+            desc.join("; ")
+        );
+        let was = before
+            .conditions
+            .iter()
+            .any(|c| c.type_ == types::DEGRADED && c.status == "True" && c.reason == "SubscriptionError");
+        if !was {
+            ctx.event(obj.as_ref(), EventType::Warning, "SubscriptionError", "Verify", msg.clone()).await;
+        }
+        not_ready(&mut st, gen_, "SubscriptionError", msg);
+        retry_soon
+    } else if active < total {
+        set_condition(
+            &mut st.conditions,
+            types::READY,
+            false,
+            "Requested",
+            format!("{} of {total} Subscriptions are still requested: the source activates them", total - active),
+            gen_,
+        );
+        set_condition(&mut st.conditions, types::DEGRADED, false, "Requested", "waiting for the source", gen_);
+        retry_soon
+    } else {
+        set_condition(
+            &mut st.conditions,
+            types::READY,
+            true,
+            "AllActive",
+            format!("all {total} Subscriptions are active on the source"),
+            gen_,
+        );
+        set_condition(&mut st.conditions, types::DEGRADED, false, "AllActive", "all Subscriptions are active", gen_);
+        Action::requeue(verify)
+    };
+    if !write_status(&api, &obj, &before, &st).await? {
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
+    Ok(action)
+}
+
+async fn cleanup(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = obj.namespace().unwrap_or_default();
+    let name = obj.name_any();
+    let api: Api<FhirSubscriptionSync> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = match resolve::http_client(&obj.spec.source, &ns, ctx.secrets.as_ref(), "spec.source").await {
+        Err(f) => Err(f.message),
+        Ok(h) => SubscriptionClient::new(h.client).remove_all(&owner_tag(&obj)).await.map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(n) => {
+            ctx.event(
+                obj.as_ref(),
+                EventType::Normal,
+                "Cleaned",
+                "Cleanup",
+                format!("removed {n} Subscriptions from the source"),
+            )
+            .await;
+            Ok(Action::await_change())
+        }
+        Err(msg) => {
+            let before = obj.status.clone().unwrap_or_default();
+            let mut st = before.clone();
+            let msg = format!(
+                "cannot remove the Subscriptions from the source: {msg}. fhirsync keeps trying; to give up and leave \
+                 them on the source: kubectl patch fss {name} -n {ns} --type=json -p '[{{\"op\":\"remove\",\"path\":\"/metadata/finalizers\"}}]'"
+            );
+            set_condition(
+                &mut st.conditions,
+                types::DEGRADED,
+                true,
+                "CleanupBlocked",
+                msg.clone(),
+                obj.metadata.generation,
+            );
+            write_status(&api, &obj, &before, &st).await?;
+            Err(Error::Other(msg))
+        }
+    }
+}
