@@ -267,6 +267,12 @@ async fn invalid_syncs_are_refused_or_reported() {
                 .create(&dry, &serde_json::from_value(v).unwrap())
                 .await
                 .map(|_| ()),
+            Some("FhirSubscriptionSync") => {
+                Api::<fhirsync::api::FhirSubscriptionSync>::namespaced(client.clone(), &w.ns)
+                    .create(&dry, &serde_json::from_value(v).unwrap())
+                    .await
+                    .map(|_| ())
+            }
             k => panic!("{}: unexpected kind {k:?}", path.display()),
         };
         r.unwrap_or_else(|e| panic!("{} is refused: {e}", path.display()));
