@@ -354,3 +354,55 @@ async fn a_cron_schedule_starts_runs_and_reports_the_next_one() {
     assert!(st.last_schedule_time.unwrap().0 >= next);
     assert!(st.next_schedule_time.unwrap().0 > next, "the next slot moved on");
 }
+
+#[tokio::test]
+async fn leader_election_hands_a_running_sync_to_the_standby() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let _g = SERIAL.lock().await;
+    cluster::apply_core_shims();
+    let w = World::new("leader", SourceConfig { polls_before_done: 1_000_000, ..data() }).await;
+    let leases: Api<Lease> = Api::namespaced(cluster::client().await, &w.ns);
+    let lease_name = "fhirsync-operator";
+    let args = ["--leader-elect", "--lease-name", lease_name, "--lease-namespace", w.ns.as_str()];
+    let mut a =
+        Operator::start_env(&w.ns, w.dir.path(), &args, &[("POD_NAME", "op-a"), ("FHIRSYNC_LEASE_SECONDS", "4")]);
+    let holder = |l: &Lease| l.spec.as_ref().and_then(|s| s.holder_identity.clone());
+    wait_for(&leases, lease_name, 30, "op-a leads", move |l| holder(l).as_deref() == Some("op-a")).await;
+    let b = Operator::start_env(&w.ns, w.dir.path(), &args, &[("POD_NAME", "op-b"), ("FHIRSYNC_LEASE_SECONDS", "4")]);
+    // the standby is Ready (rollouts and drains proceed) without acting
+    let http = reqwest::Client::new();
+    let mut standby_ready = false;
+    for _ in 0..200 {
+        if http.get(format!("{}/readyz", b.admin)).send().await.is_ok_and(|r| r.status().is_success()) {
+            standby_ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // an HTTP endpoint: nothing to watch
+    }
+    assert!(standby_ready, "standby not ready: {}", b.logs());
+
+    w.apply_sync("hospital-f", json!({})).await;
+    let run = loop {
+        if let Some(r) = w.runs_of("hospital-f").await.into_iter().next() {
+            break r;
+        }
+        w.source.wait_for(|l| l.polls >= 1).await;
+    };
+    wait_for(&w.runs, &run.name_any(), 60, "exporting", |r| {
+        r.status.as_ref().is_some_and(|s| s.export_status_url.is_some())
+    })
+    .await;
+    w.source.wait_for(|l| l.polls >= 2).await;
+    assert!(!b.logs().contains("acquired leadership"), "the standby must not act while the leader lives");
+    a.kill(); // the leader dies mid-run
+    w.source.configure(|c| c.polls_before_done = 0);
+    let r = wait_for(&w.runs, &run.name_any(), 60, "standby finishes the run", |r| phase(r).is_finished()).await;
+    assert_eq!(phase(&r), Phase::Succeeded, "{:?}\n{}", r.status, b.logs());
+    assert!(b.logs().contains("acquired leadership"));
+    let l = leases.get(lease_name).await.unwrap();
+    assert_eq!(holder(&l).as_deref(), Some("op-b"));
+    let log = w.source.log();
+    assert_eq!(log.accepted, 1, "the standby resumed the same export");
+    assert_eq!(log.max_active_exports, 1, "never two exports at once");
+    assert_eq!(w.pathling.log().imports.len(), 1, "imported exactly once");
+}

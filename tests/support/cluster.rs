@@ -49,6 +49,28 @@ pub async fn install_crds(client: &Client) {
     }
 }
 
+/// Applies ../shared/test-apiserver/core-shims.yaml (Lease and events.k8s.io Event stand-ins).
+pub fn apply_core_shims() {
+    let shims = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/test-apiserver/core-shims.yaml");
+    let out = Command::new("kubectl")
+        .args(["--kubeconfig", &kubeconfig().display().to_string(), "apply", "-f", &shims.display().to_string()])
+        .output()
+        .expect("kubectl");
+    assert!(out.status.success(), "core shims: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("kubectl")
+        .args([
+            "--kubeconfig",
+            &kubeconfig().display().to_string(),
+            "wait",
+            "--for",
+            "condition=established",
+            "crd/leases.coordination.k8s.io",
+        ])
+        .output()
+        .expect("kubectl");
+    assert!(out.status.success(), "lease shim: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// A fresh namespace name for one test (the test server has no Namespace API; any name works).
 pub fn namespace(test: &str) -> String {
     format!("{test}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
@@ -68,6 +90,11 @@ pub struct Operator {
 impl Operator {
     /// Starts `fhirsync run` for one namespace.
     pub fn start(namespace: &str, staging_root: &std::path::Path, extra: &[&str]) -> Self {
+        Self::start_env(namespace, staging_root, extra, &[])
+    }
+
+    /// Starts `fhirsync run` with extra environment variables.
+    pub fn start_env(namespace: &str, staging_root: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let log = std::env::temp_dir().join(format!("fhirsync-e2e-{namespace}-{port}.log"));
         let out = std::fs::File::create(&log).unwrap();
@@ -77,6 +104,7 @@ impl Operator {
             .args(extra)
             .env("KUBECONFIG", kubeconfig())
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(out)
             .spawn()
