@@ -225,3 +225,48 @@ async fn jwks_prints_the_public_key_to_register() {
         serde_json::from_slice(&std::fs::read(support::tls::fixture("jwks.json")).unwrap()).unwrap();
     assert_eq!(k["n"], registered["keys"][0]["n"]);
 }
+
+#[tokio::test]
+async fn standard_proxy_variables_are_honoured() {
+    use axum::extract::State;
+    use axum::http::Uri;
+    // a "proxy" that records what it was asked to fetch and refuses it
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    async fn proxy(
+        State(seen): State<std::sync::Arc<std::sync::Mutex<Vec<String>>>>,
+        uri: Uri,
+    ) -> axum::http::StatusCode {
+        seen.lock().unwrap().push(uri.to_string());
+        axum::http::StatusCode::FORBIDDEN
+    }
+    let app = axum::Router::new().fallback(proxy).with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+
+    let c = Cli::new(data()).await;
+    let f = c.write_sync("", "");
+    let run = |no_proxy: Option<&'static str>| {
+        let (f, proxy_url) = (s(&f), proxy_url.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_fhirsync"));
+            cmd.args(["sync-once", "-f", &f]).env("HTTP_PROXY", &proxy_url).env_remove("http_proxy");
+            cmd.env_remove("NO_PROXY").env_remove("no_proxy");
+            if let Some(n) = no_proxy {
+                cmd.env("NO_PROXY", n);
+            }
+            cmd.output().unwrap()
+        })
+    };
+    let out = run(None).await.unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    let host = c.source.base.trim_start_matches("http://").split('/').next().unwrap().to_string();
+    assert!(
+        seen.lock().unwrap().iter().any(|u| u.contains(&host) && u.contains("$export")),
+        "{:?}",
+        seen.lock().unwrap()
+    );
+    assert!(c.source.log().kickoffs.is_empty(), "everything went through the proxy");
+    let out = run(Some("127.0.0.1")).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "NO_PROXY bypasses it: {}", String::from_utf8_lossy(&out.stdout));
+}

@@ -296,7 +296,7 @@ async fn invalid_syncs_are_refused_or_reported() {
 async fn admin_endpoints_and_graceful_shutdown() {
     let _g = SERIAL.lock().await;
     let w = World::new("admin", data()).await;
-    let mut op = w.operator();
+    let mut op = Operator::start(&w.ns, w.dir.path(), &["--log-format", "json"]);
     let http = reqwest::Client::new();
     // healthz answers as soon as the server is up; readyz once the caches have synced
     let mut ready = false;
@@ -312,8 +312,16 @@ async fn admin_endpoints_and_graceful_shutdown() {
     assert!(ready, "operator never became ready: {}", op.logs());
     let h = http.get(format!("{}/healthz", op.admin)).send().await.unwrap();
     assert!(h.status().is_success());
-    w.apply_sync("hospital-d", json!({})).await;
-    wait_for(&w.syncs, "hospital-d", 60, "sync Ready", ready_true).await;
+    // structured logs: one JSON object per line
+    let logs = op.logs();
+    let first = logs.lines().find(|l| !l.trim().is_empty()).expect("some log output");
+    let v: serde_json::Value = serde_json::from_str(first).unwrap_or_else(|e| panic!("not JSON ({e}): {first}"));
+    assert!(v["level"].is_string() && v["message"].is_string(), "{v}");
+    // insecureSkipVerify is reported while in use
+    w.apply_sync("hospital-d", json!({"source": {"url": w.source.base, "tls": {"insecureSkipVerify": true}}})).await;
+    let s = wait_for(&w.syncs, "hospital-d", 60, "sync Ready", ready_true).await;
+    let c = s.status.unwrap().conditions.into_iter().find(|c| c.type_ == "InsecureTLS").expect("InsecureTLS condition");
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "InsecureSkipVerify"));
     let m = http.get(format!("{}/metrics", op.admin)).send().await.unwrap().text().await.unwrap();
     for name in [
         "fhirsync_reconciles_total",

@@ -427,3 +427,22 @@ async fn a_truncated_staged_file_is_downloaded_again_on_resume() {
     assert!(env.source.log().downloads.iter().any(|(n, _)| n == "out-0.ndjson"));
     assert_eq!(env.pathling.counts().get("Patient"), Some(&24));
 }
+
+#[tokio::test]
+async fn post_only_servers_get_a_parameters_kickoff() {
+    let mut env = Env::new(SourceConfig { post_only: true, ..two_types() }).await;
+    env.extra = "  export:\n    types: [Patient]\n    typeFilters: [\"Patient?active=true\"]\n".into();
+    let since: jiff::Timestamp = "2026-11-20T00:00:00Z".parse().unwrap();
+    let engine = env.engine("r1", Some(since)).await.unwrap();
+    let mut st = BulkExportRunStatus::default();
+    drive(&engine, &mut st).await;
+    assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
+    let k = env.source.log().kickoffs;
+    assert_eq!(k.len(), 1, "the GET answered 405 before being recorded");
+    assert_eq!(k[0].method, "POST");
+    let body = k[0].body.clone().unwrap();
+    assert_eq!(body["resourceType"], "Parameters");
+    let p = body["parameter"].as_array().unwrap();
+    assert!(p.iter().any(|x| x["name"] == "_since" && x["valueInstant"] == "2026-11-20T00:00:00Z"));
+    assert!(p.iter().any(|x| x["name"] == "_typeFilter" && x["valueString"] == "Patient?active=true"));
+}

@@ -61,6 +61,27 @@ impl ExportRequest {
     }
 }
 
+impl ExportRequest {
+    /// The same request as a `Parameters` resource (POST kick-off).
+    pub fn parameters(&self) -> serde_json::Value {
+        use serde_json::json;
+        let mut p = vec![json!({"name": "_outputFormat", "valueString": "application/fhir+ndjson"})];
+        if let Some(s) = &self.since {
+            p.push(json!({"name": "_since", "valueInstant": s}));
+        }
+        if !self.types.is_empty() {
+            p.push(json!({"name": "_type", "valueString": self.types.join(",")}));
+        }
+        if !self.elements.is_empty() {
+            p.push(json!({"name": "_elements", "valueString": self.elements.join(",")}));
+        }
+        for f in &self.type_filters {
+            p.push(json!({"name": "_typeFilter", "valueString": f}));
+        }
+        json!({"resourceType": "Parameters", "parameter": p})
+    }
+}
+
 /// Result of a kick-off.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kickoff {
@@ -139,21 +160,38 @@ impl BulkClient {
             .header(ACCEPT, "application/fhir+json")
             .header(reqwest::header::HeaderName::from_static("prefer"), "respond-async");
         let resp = self.http.send(r).await?;
+        if matches!(resp.status(), StatusCode::METHOD_NOT_ALLOWED | StatusCode::URI_TOO_LONG) {
+            // POST-only servers (Bulk Data STU4) and very long _typeFilter lists: the same request as
+            // a Parameters body
+            let mut post_url = url.clone();
+            post_url.set_query(None);
+            let r = Request::new(Method::POST, post_url)
+                .header(ACCEPT, "application/fhir+json")
+                .header(CONTENT_TYPE, "application/fhir+json")
+                .header(reqwest::header::HeaderName::from_static("prefer"), "respond-async")
+                .body(serde_json::to_vec(&req.parameters()).unwrap_or_default());
+            let resp = self.http.send(r).await?;
+            return self.kickoff_response(&url, Method::POST, resp).await;
+        }
+        self.kickoff_response(&url, Method::GET, resp).await
+    }
+
+    async fn kickoff_response(&self, url: &Url, method: Method, resp: reqwest::Response) -> Result<Kickoff, Error> {
         let status = resp.status();
         if status == StatusCode::ACCEPTED || status == StatusCode::OK && resp.headers().contains_key(CONTENT_LOCATION) {
             let loc =
                 resp.headers().get(CONTENT_LOCATION).and_then(|v| v.to_str().ok()).ok_or_else(|| Error::Protocol {
-                    url: redact(&url),
+                    url: redact(url),
                     message: "kick-off answered 202 without a Content-Location status URL".into(),
                 })?;
             let status_url = url.join(loc).map_err(|_| Error::Protocol {
-                url: redact(&url),
+                url: redact(url),
                 message: "kick-off returned an invalid Content-Location".into(),
             })?;
             return Ok(Kickoff::Accepted { status_url: status_url.to_string() });
         }
         let wait = retry_after(resp.headers());
-        let err = Error::from_response(&Method::GET, resp).await;
+        let err = Error::from_response(&method, resp).await;
         if err.is_transient() {
             return Ok(Kickoff::Busy { wait, message: err.to_string() });
         }

@@ -44,6 +44,8 @@ pub struct SourceConfig {
     pub smart_token_endpoint: Option<String>,
     /// Answer file downloads with a 307 to the same path on this origin.
     pub redirect_files_to: Option<String>,
+    /// Kick-off by POST only (GET answers 405), like Bulk Data STU4.
+    pub post_only: bool,
     /// Output files: (resource type, NDJSON lines).
     pub files: Vec<(String, Vec<String>)>,
     /// deleted[] files: each a list of Bundle lines.
@@ -103,6 +105,7 @@ impl Default for SourceConfig {
             token_check: None,
             smart_token_endpoint: None,
             redirect_files_to: None,
+            post_only: false,
         }
     }
 }
@@ -110,6 +113,9 @@ impl Default for SourceConfig {
 /// A kick-off the source received.
 #[derive(Clone, Debug)]
 pub struct KickoffRecord {
+    pub method: String,
+    /// The POST body's Parameters, when kicked off by POST.
+    pub body: Option<serde_json::Value>,
     pub path: String,
     pub query: String,
     pub prefer: Option<String>,
@@ -188,7 +194,7 @@ impl FakeSource {
             base: format!("{}://{addr}/fhir", if tls.is_some() { "https" } else { "http" }),
         };
         let app = Router::new()
-            .route("/fhir/{*rest}", get(kickoff))
+            .route("/fhir/{*rest}", get(kickoff).post(kickoff))
             .route("/status/{id}", get(poll).delete(cancel))
             .route("/files/{name}", get(file))
             .with_state(me.clone());
@@ -261,14 +267,30 @@ async fn kickoff(
     State(s): State<FakeSource>,
     Path(rest): Path<String>,
     RawQuery(q): RawQuery,
+    method: axum::http::Method,
     headers: HeaderMap,
+    body: Bytes,
 ) -> Response {
-    let r = kickoff_inner(&s, rest, q, headers);
+    let post_only = s.inner.lock().unwrap().cfg.post_only;
+    if post_only && method == axum::http::Method::GET && rest.ends_with("$export") {
+        s.touch();
+        return (StatusCode::METHOD_NOT_ALLOWED, outcome("error", "not-supported", "use POST")).into_response();
+    }
+    let body =
+        (method == axum::http::Method::POST).then(|| serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null));
+    let r = kickoff_inner(&s, rest, q, headers, method.to_string(), body);
     s.touch();
     r
 }
 
-fn kickoff_inner(s: &FakeSource, rest: String, q: Option<String>, headers: HeaderMap) -> Response {
+fn kickoff_inner(
+    s: &FakeSource,
+    rest: String,
+    q: Option<String>,
+    headers: HeaderMap,
+    method: String,
+    body: Option<serde_json::Value>,
+) -> Response {
     if rest == ".well-known/smart-configuration" {
         let te = s.inner.lock().unwrap().cfg.smart_token_endpoint.clone();
         return match te {
@@ -291,6 +313,8 @@ fn kickoff_inner(s: &FakeSource, rest: String, q: Option<String>, headers: Heade
     }
     let mut i = s.inner.lock().unwrap();
     i.log.kickoffs.push(KickoffRecord {
+        method,
+        body,
         path: rest.clone(),
         query: q.unwrap_or_default(),
         prefer: headers.get("prefer").and_then(|v| v.to_str().ok()).map(str::to_string),
