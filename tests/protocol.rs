@@ -7,7 +7,7 @@ use std::time::Duration;
 use fhirsync::api::{BulkExportRunStatus, Phase};
 use fhirsync::run::{self, Engine, KeyedLocks, Options};
 use fhirsync::secrets::DirSecrets;
-use support::engine::{AUTH, Env, Saved, drive, run_once};
+use support::engine::{AUTH, Env, Saved, drive, run_once, step_until};
 use support::pathling::PathlingConfig;
 use support::source::{PollQuirk, SourceConfig, delete_bundle, resources};
 use tokio::sync::watch;
@@ -268,12 +268,7 @@ async fn a_resumed_transfer_keeps_files_already_staged() {
     let env = Env::new(two_types()).await;
     // first process: export finished, file 0 staged, then a crash before anything else
     let engine = env.engine("r1", None).await.unwrap();
-    let mut st = BulkExportRunStatus::default();
-    let mut mem = run::Memory::default();
-    let (tx, _rx) = watch::channel(st.clone());
-    while st.phase != Phase::Transferring {
-        engine.step(&mut st, &mut mem, &tx).await;
-    }
+    let (mut st, mem) = step_until(&engine, Phase::Transferring).await;
     let dir = env.staging().join("ns1").join("r1");
     std::fs::create_dir_all(&dir).unwrap();
     let mut body = resources("Patient", "p", 24).join("\n");
@@ -409,12 +404,7 @@ async fn ping_and_pull_hands_the_export_to_pathling() {
 async fn a_truncated_staged_file_is_downloaded_again_on_resume() {
     let env = Env::new(two_types()).await;
     let engine = env.engine("r1", None).await.unwrap();
-    let mut st = BulkExportRunStatus::default();
-    let mut mem = run::Memory::default();
-    let (tx, _rx) = watch::channel(st.clone());
-    while st.phase != Phase::Transferring {
-        engine.step(&mut st, &mut mem, &tx).await;
-    }
+    let (mut st, mem) = step_until(&engine, Phase::Transferring).await;
     // a node crash left a short file under the final name
     let dir = env.staging().join("ns1").join("r1");
     std::fs::create_dir_all(&dir).unwrap();

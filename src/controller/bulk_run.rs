@@ -22,36 +22,14 @@ use crate::api::validate::validate_bulk_sync;
 use crate::api::{BulkExportRun, BulkExportRunStatus, BulkExportSync, FIELD_MANAGER, FINALIZER_RUN, Phase};
 use crate::run::{self, DriveError, Engine, Failure, Memory, Persist, Reason};
 
-/// Builds the controller future and a future that resolves once its cache has synced.
+/// Builds the controller future and its cache-sync check.
 pub fn controller(
     ctx: Arc<Context>,
     ns: Option<String>,
     stop: CancellationToken,
 ) -> (BoxFuture<'static, ()>, super::ReadyCheck) {
-    let api: Api<BulkExportRun> = match &ns {
-        Some(n) => Api::namespaced(ctx.client.clone(), n),
-        None => Api::all(ctx.client.clone()),
-    };
-    let c =
-        Controller::new(api, watcher::Config::default()).graceful_shutdown_on(async move { stop.cancelled().await });
-    let store = c.store();
-    let fut = Box::pin(super::drain(c.run(reconcile, error_policy, ctx)));
-    (
-        fut,
-        Box::new(move || {
-            let s = store.clone();
-            Box::pin(async move { s.wait_until_ready().await })
-        }),
-    )
-}
-
-fn error_policy(run: Arc<BulkExportRun>, e: &Error, ctx: Arc<Context>) -> Action {
-    tracing::warn!(run = %run.name_any(), error = %e, "reconcile failed");
-    ctx.metrics
-        .reconcile_failures
-        .get_or_create(&crate::metrics::FailureLabels { kind: "BulkExportRun".into(), reason: e.reason().into() })
-        .inc();
-    Action::requeue(Duration::from_secs(10))
+    let api: Api<BulkExportRun> = super::scoped_api(&ctx.client, &ns);
+    super::launch(Controller::new(api, watcher::Config::default()), ctx, stop, reconcile)
 }
 
 fn task_key(run: &BulkExportRun) -> String {

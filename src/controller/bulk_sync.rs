@@ -32,31 +32,10 @@ pub fn controller(
     ns: Option<String>,
     stop: CancellationToken,
 ) -> (BoxFuture<'static, ()>, super::ReadyCheck) {
-    let (syncs, runs): (Api<BulkExportSync>, Api<BulkExportRun>) = match &ns {
-        Some(n) => (Api::namespaced(ctx.client.clone(), n), Api::namespaced(ctx.client.clone(), n)),
-        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
-    };
-    let c = Controller::new(syncs, watcher::Config::default())
-        .owns(runs, watcher::Config::default())
-        .graceful_shutdown_on(async move { stop.cancelled().await });
-    let store = c.store();
-    let fut = Box::pin(super::drain(c.run(reconcile, error_policy, ctx)));
-    (
-        fut,
-        Box::new(move || {
-            let s = store.clone();
-            Box::pin(async move { s.wait_until_ready().await })
-        }),
-    )
-}
-
-fn error_policy(sync: Arc<BulkExportSync>, e: &Error, ctx: Arc<Context>) -> Action {
-    tracing::warn!(sync = %sync.name_any(), error = %e, "reconcile failed");
-    ctx.metrics
-        .reconcile_failures
-        .get_or_create(&crate::metrics::FailureLabels { kind: "BulkExportSync".into(), reason: e.reason().into() })
-        .inc();
-    Action::requeue(Duration::from_secs(10))
+    let syncs: Api<BulkExportSync> = super::scoped_api(&ctx.client, &ns);
+    let runs: Api<BulkExportRun> = super::scoped_api(&ctx.client, &ns);
+    let c = Controller::new(syncs, watcher::Config::default()).owns(runs, watcher::Config::default());
+    super::launch(c, ctx, stop, reconcile)
 }
 
 /// Writes the status with server-side apply, guarded by the resourceVersion the decision was made on:

@@ -255,6 +255,59 @@ async fn wait_for_signal() {
     }
 }
 
+/// An Api over the watched scope: one namespace, or all.
+pub fn scoped_api<K>(client: &Client, ns: &Option<String>) -> kube::Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
+{
+    match ns {
+        Some(n) => kube::Api::namespaced(client.clone(), n),
+        None => kube::Api::all(client.clone()),
+    }
+}
+
+/// Counts a failed reconcile and retries it after a pause (kube-runtime backs off on repeats).
+pub fn error_policy<K>(
+    obj: std::sync::Arc<K>,
+    e: &Error,
+    ctx: std::sync::Arc<Context>,
+) -> kube::runtime::controller::Action
+where
+    K: kube::Resource<DynamicType = ()>,
+{
+    let kind = K::kind(&()).to_string();
+    tracing::warn!(kind = %kind, name = %kube::ResourceExt::name_any(obj.as_ref()), error = %e, "reconcile failed");
+    ctx.metrics
+        .reconcile_failures
+        .get_or_create(&crate::metrics::FailureLabels { kind, reason: e.reason().into() })
+        .inc();
+    kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(10))
+}
+
+/// Starts a configured controller: its future (until `stop`) and a check for its cache having synced.
+pub fn launch<K, F, Fut>(
+    c: kube::runtime::Controller<K>,
+    ctx: Arc<Context>,
+    stop: CancellationToken,
+    reconcile: F,
+) -> (BoxFuture<'static, ()>, ReadyCheck)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    F: FnMut(Arc<K>, Arc<Context>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<kube::runtime::controller::Action, Error>> + Send + 'static,
+{
+    let c = c.graceful_shutdown_on(async move { stop.cancelled().await });
+    let store = c.store();
+    let fut = Box::pin(drain(c.run(reconcile, error_policy::<K>, ctx)));
+    (
+        fut,
+        Box::new(move || {
+            let s = store.clone();
+            Box::pin(async move { s.wait_until_ready().await })
+        }),
+    )
+}
+
 /// Drains a controller stream, counting reconciles.
 pub async fn drain<S, T, E>(stream: S)
 where

@@ -35,33 +35,8 @@ pub fn controller(
     ns: Option<String>,
     stop: CancellationToken,
 ) -> (BoxFuture<'static, ()>, ReadyCheck) {
-    let api: Api<FhirSubscriptionSync> = match &ns {
-        Some(n) => Api::namespaced(ctx.client.clone(), n),
-        None => Api::all(ctx.client.clone()),
-    };
-    let c =
-        Controller::new(api, watcher::Config::default()).graceful_shutdown_on(async move { stop.cancelled().await });
-    let store = c.store();
-    let fut = Box::pin(super::drain(c.run(reconcile, error_policy, ctx)));
-    (
-        fut,
-        Box::new(move || {
-            let s = store.clone();
-            Box::pin(async move { s.wait_until_ready().await })
-        }),
-    )
-}
-
-fn error_policy(obj: Arc<FhirSubscriptionSync>, e: &Error, ctx: Arc<Context>) -> Action {
-    tracing::warn!(fss = %obj.name_any(), error = %e, "reconcile failed");
-    ctx.metrics
-        .reconcile_failures
-        .get_or_create(&crate::metrics::FailureLabels {
-            kind: "FhirSubscriptionSync".into(),
-            reason: e.reason().into(),
-        })
-        .inc();
-    Action::requeue(Duration::from_secs(5))
+    let api: Api<FhirSubscriptionSync> = super::scoped_api(&ctx.client, &ns);
+    super::launch(Controller::new(api, watcher::Config::default()), ctx, stop, reconcile)
 }
 
 async fn reconcile(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Action, Error> {

@@ -117,3 +117,16 @@ pub async fn run_once(env: &Env) -> BulkExportRunStatus {
     drive(&engine, &mut st).await;
     st
 }
+
+/// Steps a fresh run until it reaches `phase` (a process that then "crashes": the caller drops the
+/// engine and memory and resumes from the returned status).
+pub async fn step_until(engine: &Engine, phase: fhirsync::api::Phase) -> (BulkExportRunStatus, run::Memory) {
+    let mut st = BulkExportRunStatus::default();
+    let mut mem = run::Memory::default();
+    let (tx, _rx) = watch::channel(st.clone());
+    while st.phase != phase {
+        assert!(!st.phase.is_finished(), "the run ended before {phase:?}: {:?}", st.message);
+        engine.step(&mut st, &mut mem, &tx).await;
+    }
+    (st, mem)
+}
