@@ -1,6 +1,6 @@
 //! Benchmark: one sync of a large NDJSON export from a fast loopback source into `volume` staging and a
 //! Pathling emulator, by `fhirsync sync-once` and by a minimal curl script doing the same job
-//! (kick-off, poll, 4 parallel downloads, `$import`, poll). Reports throughput of both, their ratio,
+//! (kick-off, poll, 4 parallel downloads, `$import`, poll, remove the files). Reports throughput of both, their ratio,
 //! and the peak RSS of `fhirsync sync-once`.
 //!
 //!     cargo build --release --bin fhirsync --example bench_sync
@@ -103,6 +103,7 @@ python3 -c 'import json,sys; [print(o["url"]) for o in json.load(open(sys.argv[1
 body=$(python3 -c 'import json,sys,os; print(json.dumps({"resourceType":"Parameters","parameter":[{"name":"inputFormat","valueCode":"application/fhir+ndjson"},{"name":"saveMode","valueCode":"merge"}]+[{"name":"input","part":[{"name":"resourceType","valueCode":"Observation"},{"name":"url","valueUrl":"file://"+os.path.join(sys.argv[1],f)}]} for f in sorted(os.listdir(sys.argv[1])) if f.endswith(".ndjson")]}))' "$OUT")
 job=$(curl -s -D - -o /dev/null -X POST -H 'Prefer: respond-async' -H 'Content-Type: application/fhir+json' -d "$body" "$PATHLING/\$import" | tr -d '\r' | awk -F': ' 'tolower($1)=="content-location"{print $2}')
 until [ "$(curl -s -o /dev/null -w '%{http_code}' "$job")" = 200 ]; do sleep 1; done
+rm -f "$OUT"/*.ndjson   # fhirsync removes its staged files too
 "#;
 
 #[tokio::main]
@@ -142,7 +143,9 @@ async fn main() {
         while file.read(&mut buf).unwrap() > 0 {}
     }
 
-    // fhirsync sync-once
+    // each contender `reps` times, interleaved; dirty pages are flushed (outside the timing) before
+    // every run so that neither pays for the other's writeback; the median is reported
+    let reps = arg("--reps", 3).max(1) as usize;
     let staging = work.path().join("staging");
     let yaml = work.path().join("sync.yaml");
     std::fs::write(
@@ -154,38 +157,51 @@ async fn main() {
         ),
     )
     .unwrap();
-    let t = Instant::now();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(fhirsync).args(["sync-once", "-f"]).arg(&yaml).args(["--output", "json"]).output().unwrap()
-    })
-    .await
-    .unwrap();
-    let fhirsync_secs = t.elapsed().as_secs_f64();
-    let rss = children_max_rss_kib();
-    eprintln!(
-        "(peak RSS from getrusage(RUSAGE_CHILDREN); this process stays small so fork inheritance does not inflate it)"
-    );
-    assert!(out.status.success(), "fhirsync failed: {}", String::from_utf8_lossy(&out.stderr));
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(summary["totalResources"].as_u64(), Some(lines * files as u64));
-
-    // curl baseline
     let script = work.path().join("baseline.sh");
     std::fs::write(&script, BASELINE).unwrap();
-    let dl = work.path().join("curl");
-    std::fs::create_dir_all(&dl).unwrap();
-    let (b2, d2) = (base.clone(), dl.clone());
-    let t = Instant::now();
-    let st = tokio::task::spawn_blocking(move || {
-        Command::new("bash").arg(&script).arg(&b2).arg(format!("{b2}/pathling")).arg(&d2).status().unwrap()
-    })
-    .await
-    .unwrap();
-    let curl_secs = t.elapsed().as_secs_f64();
-    assert!(st.success(), "baseline script failed");
+    let flush = || unsafe { libc::sync() };
+    let (mut ours, mut theirs) = (vec![], vec![]);
+    for _ in 0..reps {
+        flush();
+        let (f, y) = (fhirsync.clone(), yaml.clone());
+        let t = Instant::now();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(f).args(["sync-once", "-f"]).arg(&y).args(["--output", "json"]).output().unwrap()
+        })
+        .await
+        .unwrap();
+        ours.push(t.elapsed().as_secs_f64());
+        assert!(out.status.success(), "fhirsync failed: {}", String::from_utf8_lossy(&out.stderr));
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(summary["totalResources"].as_u64(), Some(lines * files as u64));
 
+        let dl = work.path().join("curl");
+        let _ = std::fs::remove_dir_all(&dl);
+        std::fs::create_dir_all(&dl).unwrap();
+        flush();
+        let (b2, d2, sc) = (base.clone(), dl.clone(), script.clone());
+        let t = Instant::now();
+        let st = tokio::task::spawn_blocking(move || {
+            Command::new("bash").arg(&sc).arg(&b2).arg(format!("{b2}/pathling")).arg(&d2).status().unwrap()
+        })
+        .await
+        .unwrap();
+        theirs.push(t.elapsed().as_secs_f64());
+        assert!(st.success(), "baseline script failed");
+        let _ = std::fs::remove_dir_all(&dl);
+    }
+    let rss = children_max_rss_kib();
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (fhirsync_secs, curl_secs) = (median(&mut ours), median(&mut theirs));
+    eprintln!("(peak RSS: getrusage(RUSAGE_CHILDREN), the largest of all children; this process stays small)");
     let mib = bytes as f64 / (1024.0 * 1024.0);
-    println!("export: {mib:.0} MiB in {files} files, {} resources", lines * files as u64);
+    println!(
+        "export: {mib:.0} MiB in {files} files, {} resources; median of {reps} interleaved runs each",
+        lines * files as u64
+    );
     println!(
         "fhirsync sync-once: {fhirsync_secs:>7.2} s  {:>7.1} MiB/s  peak RSS {:.1} MiB",
         mib / fhirsync_secs,
