@@ -131,7 +131,7 @@ pub enum Poll {
     /// Done.
     Complete(Box<Manifest>),
     /// Rate limited or a transient error: poll again after the wait.
-    Retry { wait: Option<Duration>, message: String },
+    Retry { wait: Option<Duration>, message: String, throttled: bool },
     /// The job failed (or is gone); do not poll again.
     Failed { status: u16, message: String },
 }
@@ -204,7 +204,9 @@ impl BulkClient {
         let r = Request::new(Method::GET, url.clone()).header(ACCEPT, "application/json");
         let resp = match self.http.send(r).await {
             Ok(r) => r,
-            Err(e) if e.is_transient() => return Ok(Poll::Retry { wait: None, message: e.to_string() }),
+            Err(e) if e.is_transient() => {
+                return Ok(Poll::Retry { wait: None, message: e.to_string(), throttled: false });
+            }
             Err(e) => return Err(e),
         };
         let status = resp.status();
@@ -227,7 +229,9 @@ impl BulkClient {
         }
         let err = Error::from_response(&Method::GET, resp).await;
         match &err {
-            Error::Status { transient: true, message, .. } => Ok(Poll::Retry { wait, message: message.clone() }),
+            Error::Status { transient: true, message, status, .. } => {
+                Ok(Poll::Retry { wait, message: message.clone(), throttled: *status == 429 })
+            }
             Error::Status { status, message, .. } => Ok(Poll::Failed { status: *status, message: message.clone() }),
             _ => Err(err),
         }

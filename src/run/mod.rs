@@ -295,8 +295,8 @@ impl Engine {
                 mem.manifest = Some(*m);
                 Ok(Next::Continue)
             }
-            Ok(Poll::Retry { wait, message }) => {
-                if message.contains(" 429") || message.contains("answered 429") {
+            Ok(Poll::Retry { wait, message, throttled }) => {
+                if throttled {
                     st.message = Some("the source asks to slow down (429); waiting".into());
                     return Ok(Next::Wait(wait.map(|w| self.scaled(w)).unwrap_or(self.scaled(POLL_MAX))));
                 }
