@@ -286,6 +286,13 @@ async fn invalid_syncs_are_refused_or_reported() {
     assert_eq!(c.status, "False");
     assert!(c.message.contains("61 * * * *"), "{}", c.message);
     assert!(w.runs_of("odd").await.is_empty());
+    // a staging path outside the operator's --staging-root: reported before any run
+    w.apply_sync("outside", json!({"staging": {"volume": {"path": "/etc/fhirsync", "pathlingPath": "file:///x"}}}))
+        .await;
+    let s = wait_for(&w.syncs, "outside", 30, "InvalidSpec", |s| ready(s).is_some_and(|r| r.1 == "InvalidSpec")).await;
+    let c = s.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
+    assert!(c.message.contains("--staging-root"), "{}", c.message);
+    assert!(w.runs_of("outside").await.is_empty());
     // fixing it clears the condition
     w.apply_sync("odd", json!({"schedule": "0 0 1 1 *"})).await;
     wait_for(&w.syncs, "odd", 30, "valid again", |s| ready(s).is_some_and(|r| r.1 != "InvalidSchedule")).await;

@@ -100,7 +100,9 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
     }
 
     // 1. the spec
-    if let Err(msg) = validate_bulk_sync(&sync.spec) {
+    let checked = validate_bulk_sync(&sync.spec)
+        .and_then(|()| crate::run::resolve::check_staging_root(&sync.spec, &ctx.opts).map_err(|f| f.message));
+    if let Err(msg) = checked {
         set_condition(&mut st.conditions, types::READY, false, "InvalidSpec", format!("{msg}; fix the spec"), gen_);
         set_condition(
             &mut st.conditions,

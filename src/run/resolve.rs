@@ -168,6 +168,24 @@ pub struct RunSetup {
     pub insecure_tls: bool,
 }
 
+/// `staging.volume.path` must lie under the operator's `--staging-root` (when it has one).
+pub fn check_staging_root(spec: &BulkExportSyncSpec, opts: &Options) -> Result<(), Failure> {
+    let (Some(v), Some(root)) = (&spec.staging.volume, &opts.staging_root) else { return Ok(()) };
+    let p = std::path::Path::new(&v.path);
+    if !p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) || !p.starts_with(root)
+    {
+        return Err(Failure::new(
+            Reason::InvalidSpec,
+            format!(
+                "spec.staging.volume.path {:?} must lie under the operator's --staging-root {:?} (the volume it shares with Pathling)",
+                v.path,
+                root.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Resolves a sync's spec for one run named `run` in `namespace`; `since` is the run's `_since`.
 pub async fn setup(
     spec: &BulkExportSyncSpec,
@@ -194,22 +212,7 @@ pub async fn setup(
         since: since.map(|t| t.to_string()),
     };
     let staging: Option<Arc<dyn Staging>> = if let Some(v) = &spec.staging.volume {
-        if let Some(root) = &opts.staging_root {
-            let p = std::path::Path::new(&v.path);
-            if !p.is_absolute()
-                || p.components().any(|c| matches!(c, std::path::Component::ParentDir))
-                || !p.starts_with(root)
-            {
-                return Err(Failure::new(
-                    Reason::InvalidSpec,
-                    format!(
-                        "staging.volume.path {:?} must lie under the operator's --staging-root {:?}",
-                        v.path,
-                        root.display()
-                    ),
-                ));
-            }
-        }
+        check_staging_root(spec, opts)?;
         Some(Arc::new(VolumeStaging::new(&v.path, &v.pathling_path, namespace, run)))
     } else if let Some(o) = &spec.staging.object_store {
         let get = |r: &Option<api::SecretKeyRef>| {
