@@ -69,6 +69,22 @@ pub fn set_condition(
     true
 }
 
+/// `InsecureTLS=True` while `insecureSkipVerify` is in use; absent otherwise.
+pub fn set_insecure_tls(conditions: &mut Vec<Condition>, in_use: bool, generation: Option<i64>) {
+    if in_use {
+        set_condition(
+            conditions,
+            types::INSECURE_TLS,
+            true,
+            "InsecureSkipVerify",
+            "tls.insecureSkipVerify is in use: server certificates are not verified; configure tls.caRef instead",
+            generation,
+        );
+    } else {
+        remove_condition(conditions, types::INSECURE_TLS);
+    }
+}
+
 /// Removes a condition type; returns whether it was there.
 pub fn remove_condition(conditions: &mut Vec<Condition>, type_: &str) -> bool {
     let n = conditions.len();

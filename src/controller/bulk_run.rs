@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{Context, Error, RunTask};
-use crate::api::conditions::{set_condition, types};
+use crate::api::conditions::{set_condition, set_insecure_tls, types};
 use crate::api::validate::validate_bulk_sync;
 use crate::api::{BulkExportRun, BulkExportRunStatus, BulkExportSync, FIELD_MANAGER, FINALIZER_RUN, Phase};
 use crate::run::{self, DriveError, Engine, Failure, Memory, Persist, Reason};
@@ -163,16 +163,7 @@ async fn drive_run(run: Arc<BulkExportRun>, ctx: Arc<Context>, cancel: Cancellat
             return;
         }
     };
-    if engine.setup.insecure_tls {
-        set_condition(
-            &mut st.conditions,
-            types::INSECURE_TLS,
-            true,
-            "InsecureSkipVerify",
-            "tls.insecureSkipVerify is in use: server certificates are not verified",
-            None,
-        );
-    }
+    set_insecure_tls(&mut st.conditions, engine.setup.insecure_tls, None);
     if fresh {
         ctx.event(
             run.as_ref(),

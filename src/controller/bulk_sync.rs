@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::{Context, Error};
-use crate::api::conditions::{is_true, remove_condition, set_condition, types};
+use crate::api::conditions::{is_true, set_condition, set_insecure_tls, types};
 use crate::api::validate::validate_bulk_sync;
 use crate::api::{
     ANNOTATION_RESET_WATERMARK, ANNOTATION_RUN_NOW, BulkExportRun, BulkExportRunSpec, BulkExportSync,
@@ -86,18 +86,7 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
     st.observed_generation = gen_;
     let now = Timestamp::now();
 
-    if uses_insecure_tls(&sync) {
-        set_condition(
-            &mut st.conditions,
-            types::INSECURE_TLS,
-            true,
-            "InsecureSkipVerify",
-            "tls.insecureSkipVerify is in use: server certificates are not verified; configure tls.caRef instead",
-            gen_,
-        );
-    } else {
-        remove_condition(&mut st.conditions, types::INSECURE_TLS);
-    }
+    set_insecure_tls(&mut st.conditions, uses_insecure_tls(&sync), gen_);
 
     // 1. the spec
     let checked = validate_bulk_sync(&sync.spec)

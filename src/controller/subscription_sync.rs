@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::{Context, Error, ReadyCheck};
-use crate::api::conditions::{remove_condition, set_condition, types};
+use crate::api::conditions::{set_condition, set_insecure_tls, types};
 use crate::api::{
     FIELD_MANAGER, FINALIZER_SUBSCRIPTIONS, FhirSubscriptionSync, FhirSubscriptionSyncStatus, OWNER_TAG_SYSTEM,
     SubscriptionState, parse_duration,
@@ -111,18 +111,7 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
     let spec = &obj.spec;
     let verify = parse_duration(&spec.verify_interval).unwrap_or(Duration::from_secs(300));
     let retry_soon = Action::requeue(verify.min(Duration::from_secs(30)));
-    if spec.source.tls.as_ref().is_some_and(|t| t.insecure_skip_verify) {
-        set_condition(
-            &mut st.conditions,
-            types::INSECURE_TLS,
-            true,
-            "InsecureSkipVerify",
-            "tls.insecureSkipVerify is in use: server certificates are not verified; configure tls.caRef instead",
-            gen_,
-        );
-    } else {
-        remove_condition(&mut st.conditions, types::INSECURE_TLS);
-    }
+    set_insecure_tls(&mut st.conditions, spec.source.tls.as_ref().is_some_and(|t| t.insecure_skip_verify), gen_);
 
     let http = match resolve::http_client(&spec.source, &ns, ctx.secrets.as_ref(), "spec.source").await {
         Ok(h) => h.client,
