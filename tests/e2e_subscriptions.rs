@@ -99,6 +99,24 @@ async fn subscriptions_follow_the_spec_survive_restarts_and_are_cleaned_up() {
     .await;
     assert_eq!(w.criteria_on_source(), vec!["Condition?".to_string(), "Patient?".to_string()]);
 
+    // an edited endpoint updates the same Subscriptions in place (PUT), adding none
+    let ids: Vec<String> = w.source.subscriptions().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
+    let creates = w.source.log().sub_creates;
+    let moved = format!("{}/", w.pathling.base);
+    let m = json!({"apiVersion": "fhirsync.io/v1alpha1", "kind": "FhirSubscriptionSync",
+        "metadata": {"name": "feed", "namespace": w.ns},
+        "spec": {"source": {"url": w.source.base}, "criteria": ["Patient?", "Condition?"], "endpoint": moved,
+                 "sendDeletes": true, "verifyInterval": "1s"}});
+    w.api.patch("feed", &PatchParams::apply("e2e").force(), &Patch::Apply(&m)).await.unwrap();
+    let moved2 = moved.clone();
+    w.source
+        .wait_for(move |_, subs| subs.len() == 2 && subs.iter().all(|s| s["channel"]["endpoint"] == moved2.as_str()))
+        .await;
+    let after: Vec<String> = w.source.subscriptions().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids, after);
+    assert_eq!(w.source.log().sub_creates, creates);
+    wait_for(&w.api, "feed", 30, "active after the update", |o| all_active(o, 2)).await;
+
     // deleted behind the operator's back: recreated
     let victim = w.source.subscriptions().iter().find(|s| s["criteria"] == "Condition?").unwrap()["id"]
         .as_str()

@@ -56,6 +56,7 @@ impl FileError {
     /// Whether another attempt may succeed.
     pub fn retryable(&self) -> bool {
         match self {
+            FileError::Http(HttpError::Auth(_) | HttpError::Config(_)) => false,
             FileError::Http(e) => e.is_transient() || e.status().is_none(),
             FileError::Staging(_) => true,
             FileError::CountMismatch { .. } => true,
