@@ -89,7 +89,9 @@ struct MultipartWriter {
 impl StagedWriter for MultipartWriter {
     fn write(&mut self, chunk: Bytes) -> BoxFuture<'_, Result<(), StagingError>> {
         Box::pin(async move {
-            let w = self.w.as_mut().expect("writer used after finish");
+            let Some(w) = self.w.as_mut() else {
+                return Err(StagingError::Config("staged object written after it was finished".into()));
+            };
             // bound memory: at most 4 parts (5 MiB each) in flight
             w.wait_for_capacity(4).await.map_err(|e| store_err(&self.location, e))?;
             w.put(chunk);
@@ -99,7 +101,7 @@ impl StagedWriter for MultipartWriter {
 
     fn finish(mut self: Box<Self>) -> BoxFuture<'static, Result<(), StagingError>> {
         Box::pin(async move {
-            let w = self.w.take().expect("finish called twice");
+            let Some(w) = self.w.take() else { return Ok(()) };
             w.finish().await.map(|_| ()).map_err(|e| store_err(&self.location, e))
         })
     }
