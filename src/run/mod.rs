@@ -260,9 +260,8 @@ impl Engine {
             Ok(Poll::InProgress { progress, wait }) => {
                 mem.errors = 0;
                 if let Some(p) = &progress {
-                    let l = p.to_ascii_lowercase();
                     // HAPI keeps answering 202 for a cancelled or errored job
-                    if l.contains("cancel") || l.contains("error") || l.contains("fail") {
+                    if job_is_dead(p) {
                         return Err(Failure::new(
                             Reason::ExportFailed,
                             format!(
@@ -711,6 +710,13 @@ fn duration_of(st: &BulkExportRunStatus) -> Option<String> {
     Some(humantime::format_duration(Duration::from_secs(secs)).to_string().replace(' ', ""))
 }
 
+/// Whether an `X-Progress` text says the job will never finish (HAPI: "Build in progress - Status set
+/// to CANCELLED at …" / "… ERRORED …"), without mistaking ordinary text such as "0 errors".
+pub fn job_is_dead(progress: &str) -> bool {
+    let l = progress.to_ascii_lowercase();
+    ["cancelled", "canceled", "errored", "aborted"].iter().any(|w| l.contains(w))
+}
+
 /// Resource type names are used in file names: keep them to FHIR's alphabet.
 fn safe_type(t: &str) -> String {
     let s: String = t.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
@@ -774,4 +780,30 @@ pub async fn drive<P: Persist + Send>(
 /// Resources by type, summed.
 pub fn total(resources: &BTreeMap<String, i64>) -> i64 {
     resources.values().sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_jobs_are_recognised_by_their_progress_text() {
+        assert!(job_is_dead("Build in progress - Status set to CANCELLED at 2026-11-26T03:00:00Z"));
+        assert!(job_is_dead("Build in progress - Status set to ERRORED at 2026-11-26T03:00:00Z"));
+        assert!(job_is_dead("Cancelled"));
+        assert!(!job_is_dead("Build in progress - Status set to IN_PROGRESS at 2026-11-26T03:00:00Z"));
+        assert!(!job_is_dead("45% complete, 0 errors"));
+    }
+
+    #[test]
+    fn watermark_is_the_earlier_of_transaction_and_kickoff_minus_overlap() {
+        let t = |s: &str| Some(Time(s.parse::<Timestamp>().unwrap()));
+        let mut st = BulkExportRunStatus { kickoff_time: t("2026-11-26T03:00:00Z"), ..Default::default() };
+        st.transaction_time = t("2026-11-26T03:10:00Z"); // HAPI: the job's end
+        assert_eq!(next_watermark(&st, Duration::from_secs(300)).unwrap().to_string(), "2026-11-26T02:55:00Z");
+        st.transaction_time = t("2026-11-26T02:30:00Z"); // Azure: the queue time
+        assert_eq!(next_watermark(&st, Duration::from_secs(300)).unwrap().to_string(), "2026-11-26T02:25:00Z");
+        st.kickoff_time = None;
+        assert!(next_watermark(&st, Duration::from_secs(300)).is_none());
+    }
 }
