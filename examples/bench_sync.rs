@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
@@ -209,5 +209,4 @@ async fn main() {
     );
     println!("curl script:        {curl_secs:>7.2} s  {:>7.1} MiB/s", mib / curl_secs);
     println!("throughput ratio fhirsync/curl: {:.2} (target >= 0.8)", curl_secs / fhirsync_secs);
-    let _ = Duration::ZERO;
 }

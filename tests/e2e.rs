@@ -296,7 +296,6 @@ async fn invalid_syncs_are_refused_or_reported() {
     // fixing it clears the condition
     w.apply_sync("odd", json!({"schedule": "0 0 1 1 *"})).await;
     wait_for(&w.syncs, "odd", 30, "valid again", |s| ready(s).is_some_and(|r| r.1 != "InvalidSchedule")).await;
-    let _ = Duration::ZERO;
 }
 
 #[tokio::test]

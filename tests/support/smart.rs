@@ -211,9 +211,8 @@ async fn token(State(s): State<FakeAuth>, headers: HeaderMap, body: Bytes) -> Re
             None => return refuse(i, "invalid_client", "unknown client"),
         }
     };
-    let _ = client_id;
     i.next += 1;
-    let tok = format!("tok-{}-{}", i.next, uuid::Uuid::new_v4().simple());
+    let tok = format!("tok-{client_id}-{}-{}", i.next, uuid::Uuid::new_v4().simple());
     i.tokens.insert(tok.clone(), Instant::now() + i.ttl);
     i.log.issued += 1;
     let body = json!({"access_token": tok, "token_type": "bearer", "expires_in": i.ttl.as_secs_f64(), "scope": form.get("scope")});
