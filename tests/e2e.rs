@@ -420,3 +420,18 @@ async fn leader_election_hands_a_running_sync_to_the_standby() {
     assert_eq!(log.max_active_exports, 1, "never two exports at once");
     assert_eq!(w.pathling.log().imports.len(), 1, "imported exactly once");
 }
+
+#[tokio::test]
+async fn two_syncs_on_one_source_never_export_at_once() {
+    let _g = SERIAL.lock().await;
+    let w = World::new("shared-src", SourceConfig { polls_before_done: 2, ..data() }).await;
+    let _op = w.operator();
+    w.apply_sync("ward-1", json!({})).await;
+    w.apply_sync("ward-2", json!({"export": {"types": ["Patient"]}})).await;
+    wait_for(&w.syncs, "ward-1", 60, "ward-1 Ready", ready_true).await;
+    wait_for(&w.syncs, "ward-2", 60, "ward-2 Ready", ready_true).await;
+    let log = w.source.log();
+    assert_eq!(log.max_active_exports, 1, "one export in flight per source and credential");
+    assert_eq!(log.kickoffs.len(), 2, "the second run waited for the first instead of being refused");
+    assert_eq!(w.pathling.log().max_concurrent_imports, 1);
+}
