@@ -37,7 +37,6 @@ fn task_key(run: &BulkExportRun) -> String {
 }
 
 async fn reconcile(run: Arc<BulkExportRun>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.metrics.reconciles.get_or_create(&crate::metrics::KindLabels { kind: "BulkExportRun".into() }).inc();
     let ns = run.namespace().unwrap_or_default();
     let api: Api<BulkExportRun> = Api::namespaced(ctx.client.clone(), &ns);
     finalizer(&api, FINALIZER_RUN, run, |event| async {

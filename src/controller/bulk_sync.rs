@@ -72,7 +72,6 @@ fn run_is_finished(r: &BulkExportRun) -> bool {
 }
 
 async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.metrics.reconciles.get_or_create(&crate::metrics::KindLabels { kind: "BulkExportSync".into() }).inc();
     if sync.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change()); // owned runs go with it (garbage collection)
     }

@@ -298,7 +298,13 @@ where
 {
     let c = c.graceful_shutdown_on(async move { stop.cancelled().await });
     let store = c.store();
-    let fut = Box::pin(drain(c.run(reconcile, error_policy::<K>, ctx)));
+    let mut reconcile = reconcile;
+    let kind = crate::metrics::KindLabels { kind: K::kind(&()).to_string() };
+    let counted = move |obj: Arc<K>, ctx: Arc<Context>| {
+        ctx.metrics.reconciles.get_or_create(&kind).inc();
+        reconcile(obj, ctx)
+    };
+    let fut = Box::pin(drain(c.run(counted, error_policy::<K>, ctx)));
     (
         fut,
         Box::new(move || {

@@ -40,7 +40,6 @@ pub fn controller(
 }
 
 async fn reconcile(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.metrics.reconciles.get_or_create(&crate::metrics::KindLabels { kind: "FhirSubscriptionSync".into() }).inc();
     let api: Api<FhirSubscriptionSync> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     finalizer(&api, FINALIZER_SUBSCRIPTIONS, obj, |event| async {
         match event {

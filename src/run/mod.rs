@@ -5,7 +5,6 @@
 //! needs in the status; [`drive`] loops steps, persisting the status after each one. The controller and
 //! `fhirsync sync-once` both use it; neither knows the protocol.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -775,11 +774,6 @@ pub async fn drive<P: Persist + Send>(
             }
         }
     }
-}
-
-/// Resources by type, summed.
-pub fn total(resources: &BTreeMap<String, i64>) -> i64 {
-    resources.values().sum()
 }
 
 #[cfg(test)]

@@ -316,16 +316,22 @@ fn validate_sub(v: &Value) -> Result<(), String> {
     Ok(())
 }
 
+/// The checks both create and update make: server up, JSON, a rest-hook Subscription.
+fn incoming_sub(s: &FakeFhirServer, body: &[u8]) -> Result<Value, Box<Response>> {
+    if let Some(r) = down(s) {
+        return Err(Box::new(r));
+    }
+    let v = serde_json::from_slice::<Value>(body)
+        .map_err(|_| Box::new((StatusCode::BAD_REQUEST, oo("invalid", "bad JSON")).into_response()))?;
+    validate_sub(&v).map_err(|e| Box::new((StatusCode::UNPROCESSABLE_ENTITY, oo("invalid", &e)).into_response()))?;
+    Ok(v)
+}
+
 async fn create_sub(State(s): State<FakeFhirServer>, body: Bytes) -> Response {
-    if let Some(r) = down(&s) {
-        return r;
-    }
-    let Ok(mut v) = serde_json::from_slice::<Value>(&body) else {
-        return (StatusCode::BAD_REQUEST, oo("invalid", "bad JSON")).into_response();
+    let mut v = match incoming_sub(&s, &body) {
+        Ok(v) => v,
+        Err(r) => return *r,
     };
-    if let Err(e) = validate_sub(&v) {
-        return (StatusCode::UNPROCESSABLE_ENTITY, oo("invalid", &e)).into_response();
-    }
     let id = {
         let mut i = s.inner.lock().unwrap();
         if i.cfg.reject_rest_hook {
@@ -366,15 +372,10 @@ async fn read_sub(State(s): State<FakeFhirServer>, Path(id): Path<String>) -> Re
 }
 
 async fn update_sub(State(s): State<FakeFhirServer>, Path(id): Path<String>, body: Bytes) -> Response {
-    if let Some(r) = down(&s) {
-        return r;
-    }
-    let Ok(mut v) = serde_json::from_slice::<Value>(&body) else {
-        return (StatusCode::BAD_REQUEST, oo("invalid", "bad JSON")).into_response();
+    let mut v = match incoming_sub(&s, &body) {
+        Ok(v) => v,
+        Err(r) => return *r,
     };
-    if let Err(e) = validate_sub(&v) {
-        return (StatusCode::UNPROCESSABLE_ENTITY, oo("invalid", &e)).into_response();
-    }
     if v["id"].as_str() != Some(id.as_str()) {
         return (StatusCode::BAD_REQUEST, oo("invalid", "id mismatch")).into_response();
     }
