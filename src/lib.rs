@@ -1,7 +1,9 @@
 //! fhirsync: keeps a Pathling FHIR analytics server in sync with clinical FHIR servers.
 //!
-//! Layers (each uses only those below it): `cli` and `controller` → `run` (the run engine) →
-//! protocol clients (`fhir`, `pathling`, `auth`, `staging`) → `api` (CRD types, no I/O).
+//! Layers (each uses only those below it): `cli` and `controller` → `sync` (a sync's decisions) and
+//! `run` (the run engine) → protocol clients (`fhir`, `pathling`, `auth`, `staging`) → `net` and
+//! `text` (where requests may go, what peer text may say) — with `api` (CRD types, no I/O) beside
+//! them. See docs/architecture.md.
 
 pub mod admin;
 pub mod api;
@@ -10,9 +12,12 @@ pub mod cli;
 pub mod controller;
 pub mod fhir;
 pub mod metrics;
+pub mod net;
 pub mod pathling;
 pub mod run;
 pub mod schedule;
 pub mod secrets;
 pub mod staging;
+pub mod sync;
 pub mod telemetry;
+pub mod text;

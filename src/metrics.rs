@@ -52,6 +52,7 @@ pub struct Metrics {
     pub bytes_transferred: Counter,
     pub watermark_age: Family<SyncLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub subscriptions: Family<SubscriptionLabels, Gauge>,
+    pub status_conflicts: Counter,
 }
 
 impl Default for Metrics {
@@ -81,8 +82,15 @@ impl Default for Metrics {
             "Subscriptions on sources by state (active, requested, failing)",
             subscriptions.clone(),
         );
+        let status_conflicts = Counter::default();
+        registry.register(
+            "status_conflicts",
+            "Status writes refused because the object changed since it was read (decided again)",
+            status_conflicts.clone(),
+        );
         Self {
             registry,
+            status_conflicts,
             reconciles,
             reconcile_failures,
             runs,

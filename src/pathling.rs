@@ -1,5 +1,6 @@
 //! Pathling server client: `$import`, `$import-pnp`, `$job`, single-resource `DELETE`.
-//! No Kubernetes types.
+//! No Kubernetes types. Answers are validated here: a `$job` that answers 200 counts as done only
+//! when its body is the import's result.
 
 use std::time::Duration;
 
@@ -8,8 +9,14 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use url::Url;
 
-use crate::fhir::client::{Error, HttpClient, Request, redact};
+use crate::fhir::client::{Error, HttpClient, Request, read_capped};
+use crate::fhir::ids::{is_id, is_type};
+use crate::fhir::outcome::OperationOutcome;
 use crate::fhir::retry::retry_after;
+use crate::text::{describe_text_body, peer_text, redact};
+
+/// Largest `$job` result read.
+const RESULT_MAX: usize = 8 << 20;
 
 /// One file to import.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,13 +25,13 @@ pub struct ImportInput {
     pub url: String,
 }
 
-/// Result of submitting an import.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Submit {
-    /// Accepted: poll this `$job` URL.
-    Accepted { job_url: String },
-    /// Pathling is busy with another import (503) or transiently failing: retry later.
-    Busy { wait: Option<Duration>, message: String },
+/// What a finished import reported.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ImportResult {
+    /// Pathling's `transactionTime` (its clock at completion).
+    pub transaction_time: Option<String>,
+    /// The `output.inputUrl` values: one per input Pathling handled.
+    pub input_urls: Vec<String>,
 }
 
 /// Result of polling a `$job`.
@@ -32,14 +39,10 @@ pub enum Submit {
 pub enum JobPoll {
     /// Running.
     Running { progress: Option<String>, wait: Option<Duration> },
-    /// Finished; the result Parameters.
-    Done(Value),
-    /// 503: another import holds Pathling; delete this job and resubmit later.
-    Busy { wait: Option<Duration>, message: String },
-    /// 404: the job is unknown (Pathling restarted): resubmit.
+    /// Finished, with its validated result.
+    Done(ImportResult),
+    /// 404: the job is unknown (Pathling restarted; its jobs live in memory).
     Lost,
-    /// The import failed.
-    Failed { status: u16, message: String },
 }
 
 /// Parameters for `$import-pnp`.
@@ -67,6 +70,11 @@ impl PathlingClient {
     /// Wraps an HTTP client for Pathling.
     pub fn new(http: HttpClient) -> Self {
         Self { http }
+    }
+
+    /// The underlying HTTP client.
+    pub fn http(&self) -> &HttpClient {
+        &self.http
     }
 
     /// The `$import` Parameters body (valueCode / valueUrl exactly, saveMode explicit).
@@ -106,17 +114,17 @@ impl PathlingClient {
         json!({"resourceType": "Parameters", "parameter": params})
     }
 
-    /// Submits `$import`.
-    pub async fn import(&self, inputs: &[ImportInput], save_mode: &str) -> Result<Submit, Error> {
+    /// Submits `$import`; returns the `$job` URL.
+    pub async fn import(&self, inputs: &[ImportInput], save_mode: &str) -> Result<String, Error> {
         self.submit("$import", Self::import_body(inputs, save_mode)).await
     }
 
-    /// Submits `$import-pnp`.
-    pub async fn import_pnp(&self, req: &PnpRequest) -> Result<Submit, Error> {
+    /// Submits `$import-pnp`; returns the `$job` URL.
+    pub async fn import_pnp(&self, req: &PnpRequest) -> Result<String, Error> {
         self.submit("$import-pnp", Self::pnp_body(req)).await
     }
 
-    async fn submit(&self, op: &str, body: Value) -> Result<Submit, Error> {
+    async fn submit(&self, op: &str, body: Value) -> Result<String, Error> {
         let url = self.http.url(op);
         let r = prefer_async(
             Request::new(Method::POST, url.clone())
@@ -124,61 +132,41 @@ impl PathlingClient {
                 .header(CONTENT_TYPE, "application/fhir+json")
                 .body(serde_json::to_vec(&body).unwrap_or_default()),
         );
-        let resp = match self.http.send(r).await {
-            Ok(r) => r,
-            Err(e) if e.is_transient() => return Ok(Submit::Busy { wait: None, message: e.to_string() }),
-            Err(e) => return Err(e),
-        };
+        let resp = self.http.send(r).await?;
         if resp.status() == StatusCode::ACCEPTED {
             let loc = resp.headers().get(CONTENT_LOCATION).and_then(|v| v.to_str().ok()).ok_or_else(|| {
                 Error::Protocol { url: redact(&url), message: format!("{op} answered 202 without Content-Location") }
             })?;
             let job = url
                 .join(loc)
-                .map_err(|_| Error::Protocol { url: redact(&url), message: "invalid Content-Location".into() })?;
-            return Ok(Submit::Accepted { job_url: job.to_string() });
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https"))
+                .ok_or_else(|| Error::Protocol { url: redact(&url), message: "invalid Content-Location".into() })?;
+            return Ok(job.to_string());
         }
-        let wait = retry_after(resp.headers());
-        let err = Error::from_response(&Method::POST, resp).await;
-        if err.is_transient() {
-            return Ok(Submit::Busy { wait, message: err.to_string() });
-        }
-        Err(err)
+        Err(busy_if_503(Error::from_response(&Method::POST, resp).await))
     }
 
     /// Polls a `$job` URL once.
     pub async fn poll_job(&self, job_url: &str) -> Result<JobPoll, Error> {
         let url = parse(job_url)?;
-        let r = Request::new(Method::GET, url).header(ACCEPT, "application/fhir+json");
-        let resp = match self.http.send(r).await {
-            Ok(r) => r,
-            Err(e) if e.is_transient() => return Ok(JobPoll::Running { progress: None, wait: None }),
-            Err(e) => return Err(e),
-        };
-        let status = resp.status();
-        let wait = retry_after(resp.headers());
-        match status {
+        let r = Request::new(Method::GET, url.clone()).header(ACCEPT, "application/fhir+json");
+        let resp = self.http.send(r).await?;
+        match resp.status() {
             StatusCode::ACCEPTED => {
-                let progress = resp.headers().get("x-progress").and_then(|v| v.to_str().ok()).map(str::to_string);
-                Ok(JobPoll::Running { progress, wait })
+                let progress =
+                    resp.headers().get("x-progress").and_then(|v| v.to_str().ok()).map(|s| peer_text(s, 100));
+                Ok(JobPoll::Running { progress, wait: retry_after(resp.headers()) })
             }
             StatusCode::OK => {
-                let body = resp.bytes().await.unwrap_or_default();
-                Ok(JobPoll::Done(serde_json::from_slice(&body).unwrap_or(Value::Null)))
+                let ctype = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+                let body = read_capped(resp, RESULT_MAX, "the import result").await?;
+                import_result(&body, ctype.as_deref())
+                    .map(JobPoll::Done)
+                    .map_err(|message| Error::Protocol { url: redact(&url), message })
             }
             StatusCode::NOT_FOUND => Ok(JobPoll::Lost),
-            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
-                let err = Error::from_response(&Method::GET, resp).await;
-                Ok(JobPoll::Busy { wait, message: err.to_string() })
-            }
-            _ => {
-                let err = Error::from_response(&Method::GET, resp).await;
-                match err {
-                    Error::Status { transient: true, .. } => Ok(JobPoll::Running { progress: None, wait }),
-                    Error::Status { status, message, .. } => Ok(JobPoll::Failed { status, message }),
-                    e => Err(e),
-                }
-            }
+            _ => Err(busy_if_503(Error::from_response(&Method::GET, resp).await)),
         }
     }
 
@@ -192,9 +180,19 @@ impl PathlingClient {
         Err(Error::from_response(&Method::DELETE, resp).await)
     }
 
-    /// Deletes one resource; a 404 (already absent) counts as done.
+    /// Deletes one resource; a 404 (already absent) counts as done. Type and id must be well formed.
     pub async fn delete_resource(&self, resource_type: &str, id: &str) -> Result<(), Error> {
-        let url = self.http.url(&format!("{resource_type}/{id}"));
+        if !is_type(resource_type) || !is_id(id) {
+            return Err(Error::Protocol {
+                url: redact(self.http.base()),
+                message: format!(
+                    "refusing to delete {:?}/{:?}: not a resource type and id",
+                    peer_text(resource_type, 64),
+                    peer_text(id, 64)
+                ),
+            });
+        }
+        let url = self.http.url_segments(&[resource_type, id]);
         let resp = self.http.send(Request::new(Method::DELETE, url).header(ACCEPT, "application/fhir+json")).await?;
         if resp.status().is_success() || resp.status() == StatusCode::NOT_FOUND || resp.status() == StatusCode::GONE {
             return Ok(());
@@ -203,8 +201,58 @@ impl PathlingClient {
     }
 }
 
+/// Pathling answers 503 while another import holds its one import slot: busy, not broken.
+fn busy_if_503(e: Error) -> Error {
+    if e.status() == Some(503) { e.into_busy() } else { e }
+}
+
+/// Validates a finished import's body: Pathling's result Parameters, not an OperationOutcome and not
+/// whatever a proxy put there.
+pub fn import_result(body: &[u8], content_type: Option<&str>) -> Result<ImportResult, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|_| {
+        format!(
+            "the import job answered 200 with {} instead of its result; is target.url Pathling's FHIR base?",
+            describe_text_body(body, content_type)
+        )
+    })?;
+    match v["resourceType"].as_str() {
+        Some("Parameters") => {}
+        Some("OperationOutcome") => {
+            let oo = OperationOutcome::parse(body).unwrap_or_default();
+            return Err(format!("the import job answered 200 with an OperationOutcome: {}", oo.summary()));
+        }
+        other => {
+            return Err(format!(
+                "the import job answered 200 with {} instead of Parameters",
+                other.map(|t| peer_text(t, 64)).unwrap_or_else(|| "JSON that is not a FHIR resource".into())
+            ));
+        }
+    }
+    let params = v["parameter"].as_array().cloned().unwrap_or_default();
+    let mut r = ImportResult::default();
+    for p in &params {
+        match p["name"].as_str() {
+            Some("transactionTime") => {
+                r.transaction_time = p["valueString"].as_str().or(p["valueInstant"].as_str()).map(|s| peer_text(s, 64))
+            }
+            Some("output") => {
+                for part in p["part"].as_array().into_iter().flatten() {
+                    if part["name"] == "inputUrl"
+                        && let Some(u) = part["valueUrl"].as_str().or(part["valueUri"].as_str())
+                    {
+                        r.input_urls.push(u.to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(r)
+}
+
 fn parse(u: &str) -> Result<Url, Error> {
-    Url::parse(u).map_err(|_| Error::Protocol { url: "(invalid)".into(), message: format!("not a URL: {u:.80}") })
+    Url::parse(u)
+        .map_err(|_| Error::Protocol { url: "(invalid)".into(), message: format!("not a URL: {}", peer_text(u, 80)) })
 }
 
 #[cfg(test)]
@@ -221,5 +269,23 @@ mod tests {
         assert_eq!(b["parameter"][1]["valueCode"], "merge");
         assert_eq!(b["parameter"][2]["part"][0]["valueCode"], "Patient");
         assert_eq!(b["parameter"][2]["part"][1]["valueUrl"], "file:///s/Patient.0000.ndjson");
+    }
+
+    #[test]
+    fn a_200_counts_only_with_the_import_result() {
+        let ok = br#"{"resourceType":"Parameters","parameter":[{"name":"transactionTime","valueString":"2026-11-26T03:00:00Z"},
+            {"name":"output","part":[{"name":"inputUrl","valueUrl":"file:///s/a.ndjson"}]}]}"#;
+        let r = import_result(ok, None).unwrap();
+        assert_eq!(r.input_urls, vec!["file:///s/a.ndjson".to_string()]);
+        let table: &[(&[u8], &str)] = &[
+            (b"<html><title>Gateway</title></html>", "an HTML page titled \"Gateway\""),
+            (br#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"exception","diagnostics":"disk full"}]}"#, "disk full"),
+            (br#"{"resourceType":"Bundle"}"#, "Bundle instead of Parameters"),
+            (br#"{"ok":true}"#, "not a FHIR resource"),
+        ];
+        for (body, want) in table {
+            let e = import_result(body, None).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
     }
 }

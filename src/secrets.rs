@@ -10,10 +10,11 @@ use crate::api::SecretKeyRef;
 /// A Secret value could not be read.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum SecretError {
-    #[error("Secret {namespace}/{name} not found: create it, or fix the reference")]
-    SecretMissing { namespace: String, name: String },
-    #[error("Secret {namespace}/{name} has no key {key:?}: add it, or fix the reference")]
-    KeyMissing { namespace: String, name: String, key: String },
+    /// `hint` is empty or a parenthesised note of where fhirsync looked.
+    #[error("Secret {namespace}/{name} not found{hint}: create it, or fix the reference")]
+    SecretMissing { namespace: String, name: String, hint: String },
+    #[error("Secret {namespace}/{name} has no key {key:?}{hint}: add it, or fix the reference")]
+    KeyMissing { namespace: String, name: String, key: String, hint: String },
     #[error("Secret {namespace}/{name} key {key:?} is empty")]
     Empty { namespace: String, name: String, key: String },
     #[error("cannot read Secret {namespace}/{name}: {message}")]
@@ -50,19 +51,36 @@ impl SecretSource for DirSecrets {
                 return Err(SecretError::Unavailable { namespace: ns, name, message: "invalid name or key".into() });
             }
             let d = self.dir.join(&r.name);
+            let file = d.join(&r.key);
             if !tokio::fs::try_exists(&d).await.unwrap_or(false) {
-                return Err(SecretError::SecretMissing { namespace: ns, name });
+                let hint = format!(" (looked for the directory {})", d.display());
+                return Err(SecretError::SecretMissing { namespace: ns, name, hint });
             }
-            match tokio::fs::read(d.join(&r.key)).await {
+            match read_bounded(&file).await {
                 Ok(v) if v.is_empty() => Err(SecretError::Empty { namespace: ns, name, key }),
                 Ok(v) => Ok(v),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    Err(SecretError::KeyMissing { namespace: ns, name, key })
+                    let hint = format!(" (looked for the file {})", file.display());
+                    Err(SecretError::KeyMissing { namespace: ns, name, key, hint })
                 }
                 Err(e) => Err(SecretError::Unavailable { namespace: ns, name, message: e.kind().to_string() }),
             }
         })
     }
+}
+
+/// Largest Secret value read from a file (Kubernetes caps a whole Secret at 1 MiB).
+const SECRET_MAX: u64 = 1 << 20;
+
+async fn read_bounded(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let f = tokio::fs::File::open(path).await?;
+    let mut out = Vec::new();
+    f.take(SECRET_MAX + 1).read_to_end(&mut out).await?;
+    if out.len() as u64 > SECRET_MAX {
+        return Err(std::io::Error::other(format!("larger than {SECRET_MAX} bytes")));
+    }
+    Ok(out)
 }
 
 /// Secrets read from the Kubernetes API, in the custom resource's namespace, each time they are used
@@ -86,9 +104,9 @@ impl SecretSource for KubeSecrets {
             let (ns, name, key) = (namespace.to_string(), r.name.clone(), r.key.clone());
             let secret = match api.get_opt(&r.name).await {
                 Ok(Some(s)) => s,
-                Ok(None) => return Err(SecretError::SecretMissing { namespace: ns, name }),
+                Ok(None) => return Err(SecretError::SecretMissing { namespace: ns, name, hint: String::new() }),
                 Err(kube::Error::Api(s)) if s.code == 404 => {
-                    return Err(SecretError::SecretMissing { namespace: ns, name });
+                    return Err(SecretError::SecretMissing { namespace: ns, name, hint: String::new() });
                 }
                 Err(e) => return Err(SecretError::Unavailable { namespace: ns, name, message: e.to_string() }),
             };
@@ -102,7 +120,7 @@ impl SecretSource for KubeSecrets {
             if let Some(v) = secret.string_data.as_ref().and_then(|d| d.get(&r.key)) {
                 return Ok(v.clone().into_bytes());
             }
-            Err(SecretError::KeyMissing { namespace: ns, name, key })
+            Err(SecretError::KeyMissing { namespace: ns, name, key, hint: String::new() })
         })
     }
 }

@@ -46,15 +46,21 @@ async fn smart_backend_services_export_outlives_several_tokens() {
     // tokens live 2 s; the export polls for ~4 s and downloads 8 files, 3 at a time
     let cfg = SourceConfig { polls_before_done: 4, poll_retry_after: Some("1".into()), ..data(8) };
     let (env, auth) = smart_env(Duration::from_secs(2), cfg, "rsa-pkcs8.pem", "rsa-1", true).await;
-    let engine = env.engine("r1", None).await.expect("setup");
-    let mut st = Default::default();
+    let mut st = fhirsync::api::BulkExportRunStatus::default();
     // real time here: token lifetimes must really pass
     let mut saved = support::engine::Saved::default();
     let (tx, _rx) = tokio::sync::watch::channel(Default::default());
-    let engine = fhirsync::run::Engine { backoff_scale: 1.0, ..engine };
+    let deps = fhirsync::run::Deps { backoff_scale: 1.0, ..env.deps() };
     tokio::time::timeout(
         Duration::from_secs(60),
-        fhirsync::run::drive(&engine, &mut st, &mut saved, &tx, &tokio_util::sync::CancellationToken::new()),
+        fhirsync::run::drive(
+            &env.inputs("r1", None),
+            &deps,
+            &mut st,
+            &mut saved,
+            &tx,
+            &tokio_util::sync::CancellationToken::new(),
+        ),
     )
     .await
     .unwrap()
@@ -301,16 +307,13 @@ async fn kubernetes_secrets_are_read_by_reference_and_rotation_takes_effect() {
     let cfg = SourceConfig { bearer: Some("second".into()), ..data(1) };
     let mut env = Env::new(cfg).await;
     env.source_auth = support::engine::AUTH.into();
-    let sync = env.sync();
-    let setup = fhirsync::run::resolve::setup(&sync.spec, "ns1", "r1", None, &ks, &Default::default()).await.unwrap();
-    let engine = fhirsync::run::Engine { setup, locks: Default::default(), id: "ns1/r1".into(), backoff_scale: 0.002 };
-    let mut st = Default::default();
-    support::engine::drive(&engine, &mut st).await;
+    let ks: std::sync::Arc<dyn SecretSource> = std::sync::Arc::new(ks);
+    let deps = fhirsync::run::Deps { secrets: ks.clone(), ..env.deps() };
+    let mut st = fhirsync::api::BulkExportRunStatus::default();
+    support::engine::drive_with(&env.inputs("r1", None), &deps, &mut st).await;
     assert_eq!(st.reason.as_deref(), Some("AuthFailed"), "the old token is refused");
     store.lock().unwrap().insert("ns1/src".to_string(), secret("src", &[("token", "second")]));
-    let setup = fhirsync::run::resolve::setup(&sync.spec, "ns1", "r2", None, &ks, &Default::default()).await.unwrap();
-    let engine = fhirsync::run::Engine { setup, locks: Default::default(), id: "ns1/r2".into(), backoff_scale: 0.002 };
-    let mut st = Default::default();
-    support::engine::drive(&engine, &mut st).await;
+    let mut st = fhirsync::api::BulkExportRunStatus::default();
+    support::engine::drive_with(&env.inputs("r2", None), &deps, &mut st).await;
     assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
 }

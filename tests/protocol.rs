@@ -5,9 +5,8 @@ mod support;
 use std::time::Duration;
 
 use fhirsync::api::{BulkExportRunStatus, Phase};
-use fhirsync::run::{self, Engine, KeyedLocks, Options};
-use fhirsync::secrets::DirSecrets;
-use support::engine::{AUTH, Env, Saved, drive, run_once, step_until};
+use fhirsync::run::{self, KeyedLocks};
+use support::engine::{AUTH, Env, Saved, drive, drive_inputs, run_once, step_until};
 use support::pathling::PathlingConfig;
 use support::source::{PollQuirk, SourceConfig, delete_bundle, resources};
 use tokio::sync::watch;
@@ -57,8 +56,10 @@ async fn full_export_lands_in_pathling_and_cleans_up() {
     // staging is empty afterwards
     assert!(!env.staging().join("ns1").join("r1").exists());
     // watermark: min(transactionTime, kickoff) - overlap
-    let w = run::next_watermark(&st, Duration::from_secs(300)).unwrap();
-    assert!(w < st.kickoff_time.as_ref().unwrap().0);
+    match fhirsync::sync::watermark_after(&st, None, Duration::from_secs(300)) {
+        fhirsync::sync::WatermarkMove::To(w) => assert!(w < st.kickoff_time.as_ref().unwrap().0),
+        m => panic!("{m:?}"),
+    }
 }
 
 #[tokio::test]
@@ -66,9 +67,8 @@ async fn kickoff_parameters_and_since() {
     let mut env = Env::new(two_types()).await;
     env.extra = "  export:\n    level: Group\n    groupId: cohort-1\n    types: [Patient, Observation]\n    typeFilters: [\"Observation?status=final,amended\"]\n".into();
     let since: jiff::Timestamp = "2026-11-20T00:00:00Z".parse().unwrap();
-    let engine = env.engine("r1", Some(since)).await.unwrap();
     let mut st = BulkExportRunStatus::default();
-    drive(&engine, &mut st).await;
+    drive(&env, "r1", Some(since), &mut st).await;
     assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
     let k = &env.source.log().kickoffs[0];
     assert_eq!(k.path, "Group/cohort-1/$export");
@@ -235,7 +235,6 @@ async fn a_failed_import_fails_the_run_and_forgets_the_job() {
 #[tokio::test]
 async fn a_restarted_run_resumes_polling_the_same_export() {
     let env = Env::new(SourceConfig { polls_before_done: 4, ..two_types() }).await;
-    let engine = env.engine("r1", None).await.unwrap();
     let mut st = BulkExportRunStatus::default();
     let mut saved = Saved::default();
     let (tx, _rx) = watch::channel(st.clone());
@@ -246,15 +245,13 @@ async fn a_restarted_run_resumes_polling_the_same_export() {
         src.wait_for(|l| l.polls >= 2).await;
         c2.cancel(); // the "operator" dies mid-poll
     });
-    let r = run::drive(&engine, &mut st, &mut saved, &tx, &cancel).await;
+    let r = run::drive(&env.inputs("r1", None), &env.deps(), &mut st, &mut saved, &tx, &cancel).await;
     assert!(matches!(r, Err(run::DriveError::Cancelled)));
-    drop(engine);
     // a new process starts from the last persisted status
     let mut st = saved.0.last().unwrap().clone();
     assert_eq!(st.phase, Phase::Exporting);
     let url = st.export_status_url.clone().unwrap();
-    let engine = env.engine("r1", None).await.unwrap();
-    drive(&engine, &mut st).await;
+    drive(&env, "r1", None, &mut st).await;
     assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
     assert_eq!(st.export_status_url.as_deref(), Some(url.as_str()));
     let log = env.source.log();
@@ -273,11 +270,10 @@ async fn a_resumed_transfer_keeps_files_already_staged() {
     std::fs::create_dir_all(&dir).unwrap();
     let mut body = resources("Patient", "p", 24).join("\n");
     body.push('\n');
-    std::fs::write(dir.join("Patient.00000.ndjson"), body).unwrap();
-    std::fs::write(dir.join(".Observation.00001.ndjson.partial"), "{\"half").unwrap();
+    std::fs::write(dir.join("Patient.000000.ndjson"), body).unwrap();
+    std::fs::write(dir.join(".Observation.000001.ndjson.partial"), "{\"half").unwrap();
     drop((engine, mem));
-    let engine = env.engine("r1", None).await.unwrap();
-    drive(&engine, &mut st).await;
+    drive(&env, "r1", None, &mut st).await;
     assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
     assert_eq!(st.resources.get("Patient"), Some(&24), "the staged file is counted");
     let d = env.source.log().downloads;
@@ -290,11 +286,17 @@ async fn a_resumed_transfer_keeps_files_already_staged() {
 async fn one_export_at_a_time_per_source_credential() {
     let env = Env::new(SourceConfig { polls_before_done: 2, ..two_types() }).await;
     let locks = KeyedLocks::default();
-    let e1 = env.engine_with("r1", None, locks.clone()).await.unwrap();
-    let e2 = env.engine_with("r2", None, locks.clone()).await.unwrap();
     let (mut s1, mut s2) = (BulkExportRunStatus::default(), BulkExportRunStatus::default());
-    let (a, b) = tokio::join!(drive(&e1, &mut s1), drive(&e2, &mut s2));
-    drop((a, b));
+    let (d1, d2) = (env.deps_with(locks.clone()), env.deps_with(locks.clone()));
+    let (i1, i2) = (env.inputs("r1", None), env.inputs("r2", None));
+    let (mut p1, mut p2) = (Saved::default(), Saved::default());
+    let (t1, _r1) = watch::channel(s1.clone());
+    let (t2, _r2) = watch::channel(s2.clone());
+    let c = CancellationToken::new();
+    let (a, b) =
+        tokio::join!(run::drive(&i1, &d1, &mut s1, &mut p1, &t1, &c), run::drive(&i2, &d2, &mut s2, &mut p2, &t2, &c));
+    a.unwrap();
+    b.unwrap();
     assert_eq!(s1.phase, Phase::Succeeded, "{:?}", s1.message);
     assert_eq!(s2.phase, Phase::Succeeded, "{:?}", s2.message);
     let log = env.source.log();
@@ -383,11 +385,10 @@ async fn ping_and_pull_hands_the_export_to_pathling() {
     sync.spec.export.types = vec!["Patient".into(), "Observation".into()];
     fhirsync::api::validate::validate_bulk_sync(&sync.spec).unwrap();
     let since: jiff::Timestamp = "2026-11-01T00:00:00Z".parse().unwrap();
-    let secrets = DirSecrets::new(env.dir.path().join("secrets"));
-    let setup = run::resolve::setup(&sync.spec, "ns1", "r1", Some(since), &secrets, &Options::default()).await.unwrap();
-    let engine = Engine { setup, locks: KeyedLocks::default(), id: "ns1/r1".into(), backoff_scale: 0.002 };
+    let mut inputs = env.inputs("r1", Some(since));
+    inputs.template = fhirsync::api::RunTemplate::from(&sync.spec);
     let mut st = BulkExportRunStatus::default();
-    drive(&engine, &mut st).await;
+    drive_inputs(&env, &inputs, &mut st).await;
     assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
     assert!(env.source.log().kickoffs.is_empty(), "Pathling exports, not fhirsync");
     let pnp = &env.pathling.log().pnp[0];
@@ -408,10 +409,9 @@ async fn a_truncated_staged_file_is_downloaded_again_on_resume() {
     // a node crash left a short file under the final name
     let dir = env.staging().join("ns1").join("r1");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("Patient.00000.ndjson"), resources("Patient", "p", 5).join("\n")).unwrap();
+    std::fs::write(dir.join("Patient.000000.ndjson"), resources("Patient", "p", 5).join("\n")).unwrap();
     drop((engine, mem));
-    let engine = env.engine("r1", None).await.unwrap();
-    drive(&engine, &mut st).await;
+    drive(&env, "r1", None, &mut st).await;
     assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
     assert_eq!(st.resources.get("Patient"), Some(&24));
     assert!(env.source.log().downloads.iter().any(|(n, _)| n == "out-0.ndjson"));
@@ -423,9 +423,8 @@ async fn post_only_servers_get_a_parameters_kickoff() {
     let mut env = Env::new(SourceConfig { post_only: true, ..two_types() }).await;
     env.extra = "  export:\n    types: [Patient]\n    typeFilters: [\"Patient?active=true\"]\n".into();
     let since: jiff::Timestamp = "2026-11-20T00:00:00Z".parse().unwrap();
-    let engine = env.engine("r1", Some(since)).await.unwrap();
     let mut st = BulkExportRunStatus::default();
-    drive(&engine, &mut st).await;
+    drive(&env, "r1", Some(since), &mut st).await;
     assert_eq!(st.phase, Phase::Succeeded, "{:?}", st.message);
     let k = env.source.log().kickoffs;
     assert_eq!(k.len(), 1, "the GET answered 405 before being recorded");

@@ -1,4 +1,5 @@
-//! BulkExportSync (the schedule and the watermark) and BulkExportRun (one export/import job).
+//! BulkExportSync (the schedule and the watermark) and the blocks a run is made of (source, export,
+//! target, staging, limits), which a BulkExportRun carries as its template.
 #![allow(clippy::duplicated_attributes)] // several printcolumn(...) entries in one #[kube] attribute
 
 use std::collections::BTreeMap;
@@ -8,8 +9,9 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{Auth, DURATION_MSG, DURATION_RULE, FhirServer, Timeouts, Tls};
+use super::common::{Auth, FhirServer, Timeouts, Tls};
 use super::conditions::conditions_schema;
+use super::units::{DURATION_MSG, DURATION_RULE, QUANTITY_MSG, QUANTITY_RULE};
 
 /// Export level: which `$export` endpoint is used.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -37,15 +39,15 @@ pub struct ExportSpec {
     pub group_id: Option<String>,
     /// Resource types to export (`_type`); empty means all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 200))]
+    #[schemars(length(max = 200), inner(length(min = 1, max = 64), pattern(r"^[A-Z][A-Za-z]{0,63}$")))]
     pub types: Vec<String>,
     /// `_typeFilter` queries such as `Observation?status=final`; several are OR'ed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 200))]
+    #[schemars(length(max = 200), inner(length(min = 1, max = 2048)))]
     pub type_filters: Vec<String>,
     /// `_elements`: element paths to include.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 200))]
+    #[schemars(length(max = 200), inner(length(min = 1, max = 256)))]
     pub elements: Vec<String>,
     /// Lower bound (`_since`) of the first run; later incremental runs use the watermark.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -99,6 +101,14 @@ pub struct PathlingTarget {
     /// Network timeouts toward Pathling.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<Timeouts>,
+    /// Longest wait between two polls of Pathling's `$job`, whatever its `Retry-After` says. 1s–1h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MSG))]
+    #[schemars(length(max = 32))]
+    pub max_poll_interval: Option<String>,
+    /// Allow link-local and cloud metadata addresses for Pathling (off by default).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_link_local: bool,
     /// `$import` saveMode, sent explicitly: merge (default), overwrite, append, ignore or error.
     #[serde(default)]
     pub save_mode: SaveMode,
@@ -115,6 +125,8 @@ impl PathlingTarget {
             auth: self.auth.clone(),
             tls: self.tls.clone(),
             timeouts: self.timeouts.clone(),
+            max_poll_interval: self.max_poll_interval.clone(),
+            allow_link_local: self.allow_link_local,
         }
     }
 }
@@ -185,6 +197,46 @@ pub struct Staging {
     pub ping_and_pull: Option<PingAndPull>,
 }
 
+/// Bounds on what one run may stage, so a peer cannot fill the staging volume.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    /// Largest file one download may stage (after gzip decoding); a bigger one fails the run with
+    /// `TransferFailed`. A byte quantity such as `16Gi`.
+    #[serde(default = "default_max_file")]
+    #[x_kube(validation = Rule::new(QUANTITY_RULE).message(QUANTITY_MSG))]
+    #[schemars(length(max = 32))]
+    pub max_file_size: String,
+    /// Most bytes one run may stage in all (files are removed after the import).
+    #[serde(default = "default_max_run")]
+    #[x_kube(validation = Rule::new(QUANTITY_RULE).message(QUANTITY_MSG))]
+    #[schemars(length(max = 32))]
+    pub max_run_size: String,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_file_size: default_max_file(), max_run_size: default_max_run() }
+    }
+}
+
+fn default_max_file() -> String {
+    "16Gi".into()
+}
+fn default_max_run() -> String {
+    "1Ti".into()
+}
+
+/// CEL rule shared by the sync and the run template: incremental runs need saveMode merge.
+pub const MERGE_RULE: &str = "!self.incremental || self.target.saveMode == 'merge'";
+/// Message of [`MERGE_RULE`].
+pub const MERGE_MSG: &str =
+    "spec.target.saveMode: incremental runs allow merge only (set incremental: false for other modes)";
+/// CEL rule: what pingAndPull needs.
+pub const PNP_RULE: &str = "!has(self.staging.pingAndPull) || (self.export.level == 'System' && !self.target.applyDeletes && !has(self.source.auth))";
+/// Message of [`PNP_RULE`].
+pub const PNP_MSG: &str = "spec.staging.pingAndPull needs export.level System, target.applyDeletes false and no source.auth (Pathling uses its own credential)";
+
 /// A scheduled, incremental bulk export from a FHIR server into Pathling.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
@@ -200,10 +252,10 @@ pub struct Staging {
     printcolumn(name = "Last sync", type_ = "date", json_path = ".status.lastSuccessfulRun.finishedAt"),
     printcolumn(name = "Resources", type_ = "integer", json_path = ".status.lastRunResources"),
     printcolumn(name = "Next run", type_ = "date", json_path = ".status.nextScheduleTime"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    validation = Rule::new("!self.spec.incremental || self.spec.target.saveMode == 'merge'").message("spec.target.saveMode: incremental runs allow merge only (set incremental: false for other modes)").field_path(".spec.target.saveMode"),
-    validation = Rule::new("!has(self.spec.staging.pingAndPull) || (self.spec.export.level == 'System' && !self.spec.target.applyDeletes && !has(self.spec.source.auth))").message("spec.staging.pingAndPull needs export.level System, target.applyDeletes false and no source.auth (Pathling uses its own credential)").field_path(".spec.staging.pingAndPull")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
+#[x_kube(validation = Rule::new(MERGE_RULE).message(MERGE_MSG).field_path(".target.saveMode"))]
+#[x_kube(validation = Rule::new(PNP_RULE).message(PNP_MSG).field_path(".staging.pingAndPull"))]
 #[serde(rename_all = "camelCase")]
 pub struct BulkExportSyncSpec {
     /// The FHIR server to export from.
@@ -248,9 +300,12 @@ pub struct BulkExportSyncSpec {
     #[serde(default = "default_history")]
     #[schemars(range(min = 0, max = 1000))]
     pub history_limit: u32,
+    /// Bounds on what one run may stage.
+    #[serde(default)]
+    pub limits: Limits,
 }
 
-fn yes() -> bool {
+pub(crate) fn yes() -> bool {
     true
 }
 fn default_tz() -> String {
@@ -259,10 +314,10 @@ fn default_tz() -> String {
 fn default_overlap() -> String {
     "5m".into()
 }
-fn default_parallel() -> u32 {
+pub(crate) fn default_parallel() -> u32 {
     4
 }
-fn default_run_timeout() -> String {
+pub(crate) fn default_run_timeout() -> String {
     "24h".into()
 }
 fn default_history() -> u32 {
@@ -330,154 +385,4 @@ pub struct BulkExportSyncStatus {
     /// Generation that the last run was started for (runs without a schedule: one per generation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_run_generation: Option<i64>,
-}
-
-/// Why a run was started.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-pub enum Trigger {
-    /// By the schedule (or a spec change when there is none).
-    Schedule,
-    /// By the `fhirsync.io/run-now` annotation.
-    RunNow,
-    /// Created by hand.
-    #[default]
-    Manual,
-}
-
-/// Reference to the BulkExportSync a run belongs to.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-pub struct SyncRef {
-    /// Name of a BulkExportSync in the same namespace.
-    #[schemars(length(min = 1, max = 253))]
-    pub name: String,
-}
-
-/// One export/import job of a BulkExportSync.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
-#[kube(
-    group = "fhirsync.io",
-    version = "v1alpha1",
-    kind = "BulkExportRun",
-    plural = "bulkexportruns",
-    shortname = "ber",
-    category = "fhirsync",
-    namespaced,
-    status = "BulkExportRunStatus",
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress"),
-    printcolumn(name = "Resources", type_ = "integer", json_path = ".status.resourceCount"),
-    printcolumn(name = "Started", type_ = "date", json_path = ".status.startTime"),
-    printcolumn(name = "Duration", type_ = "string", json_path = ".status.duration")
-)]
-#[x_kube(validation = Rule::new("self == oldSelf").message("BulkExportRun spec is immutable; create a new run instead"))]
-#[serde(rename_all = "camelCase")]
-pub struct BulkExportRunSpec {
-    /// The BulkExportSync whose source, target and staging this run uses.
-    pub sync_ref: SyncRef,
-    /// `_since` of this run; absent means a full export.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub since: Option<Time>,
-    /// Schedule, RunNow or Manual.
-    #[serde(default)]
-    pub trigger: Trigger,
-}
-
-/// Phase of a run.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-pub enum Phase {
-    /// Not started (or waiting for the source or Pathling to be free).
-    #[default]
-    Pending,
-    /// `$export` kicked off; polling its status.
-    Exporting,
-    /// Downloading output files into staging.
-    Transferring,
-    /// Pathling `$import` running.
-    Importing,
-    /// Replaying `deleted[]` as DELETEs.
-    Deleting,
-    /// Finished successfully (possibly with export errors, see exportErrors).
-    Succeeded,
-    /// Finished with an error; see message.
-    Failed,
-}
-
-impl Phase {
-    /// Whether the run has ended.
-    pub fn is_finished(self) -> bool {
-        matches!(self, Phase::Succeeded | Phase::Failed)
-    }
-}
-
-/// File counts of a run.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-pub struct FileCounts {
-    /// Output files in the manifest.
-    pub total: i64,
-    /// Files completely staged.
-    pub staged: i64,
-}
-
-/// Observed state of a BulkExportRun; persisted after every step so a restarted operator resumes.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct BulkExportRunStatus {
-    /// Where the run is.
-    #[serde(default)]
-    pub phase: Phase,
-    /// Complete, Failed, Degraded, InsecureTLS.
-    #[serde(default)]
-    #[schemars(schema_with = "conditions_schema")]
-    pub conditions: Vec<Condition>,
-    /// When the run started.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub start_time: Option<Time>,
-    /// When the run ended.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub completion_time: Option<Time>,
-    /// Run length, for the printer column (e.g. `3m12s`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub duration: Option<String>,
-    /// Operator clock when `$export` was sent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kickoff_time: Option<Time>,
-    /// The export's status URL (re-polled after a restart).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub export_status_url: Option<String>,
-    /// Last `X-Progress` (export) or import progress.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub progress: Option<String>,
-    /// The manifest's transactionTime.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub transaction_time: Option<Time>,
-    /// Output files.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub files: Option<FileCounts>,
-    /// Bytes staged.
-    #[serde(default)]
-    pub bytes: i64,
-    /// Resources staged and imported, by type.
-    #[serde(default)]
-    pub resources: BTreeMap<String, i64>,
-    /// Sum of `resources` (printer column).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resource_count: Option<i64>,
-    /// Lines in the manifest's error[] files.
-    #[serde(default)]
-    pub export_errors: i64,
-    /// Deletions replayed on Pathling.
-    #[serde(default)]
-    pub deleted: i64,
-    /// Pathling's `$job` URL of the import.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub import_job_url: Option<String>,
-    /// Consecutive status polls that came without Retry-After (drives exponential backoff).
-    #[serde(default)]
-    pub poll_attempts: u32,
-    /// What is happening, or what went wrong and how to fix it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-    /// Machine-readable reason of the failure or degradation.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
 }

@@ -4,6 +4,8 @@ use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::units::{DURATION_MSG, DURATION_RULE};
+
 /// A reference to one key of a Secret in the custom resource's own namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
 pub struct SecretKeyRef {
@@ -166,11 +168,6 @@ fn default_idle() -> String {
     "120s".into()
 }
 
-/// CEL shape check shared by every duration field.
-pub const DURATION_RULE: &str = "self.matches('^([0-9]+(ms|s|m|h|d))+$')";
-/// Message of [`DURATION_RULE`].
-pub const DURATION_MSG: &str = "must be a duration such as 90s, 5m, 6h or 1h30m";
-
 /// A FHIR server: its base URL and how to reach it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -188,52 +185,14 @@ pub struct FhirServer {
     /// Network timeouts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<Timeouts>,
-}
-
-/// Parses a Kubernetes-style duration (`90s`, `5m`, `1h30m`, `2d`, `250ms`).
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
-    if s.is_empty() {
-        return Err("empty duration".into());
-    }
-    let mut total = std::time::Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(format!("{s:?} is not a duration such as 90s, 5m, 6h"));
-        }
-        let n: u64 = rest[..digits].parse().map_err(|_| format!("{s:?}: number too large"))?;
-        rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let d = match unit {
-            "ms" => std::time::Duration::from_millis(n),
-            "s" => std::time::Duration::from_secs(n),
-            "m" => std::time::Duration::from_secs(n * 60),
-            "h" => std::time::Duration::from_secs(n * 3600),
-            "d" => std::time::Duration::from_secs(n * 86400),
-            _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
-        };
-        total += d;
-    }
-    Ok(total)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172800));
-        assert!(parse_duration("5 minutes").is_err());
-        assert!(parse_duration("m").is_err());
-        assert!(parse_duration("").is_err());
-    }
+    /// Longest wait between two polls of an asynchronous job on this server, whatever its
+    /// `Retry-After` says (Helios always says 120 s, even for a job done in a second). 1s–1h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MSG))]
+    #[schemars(length(max = 32))]
+    pub max_poll_interval: Option<String>,
+    /// Allow requests to link-local addresses (169.254.0.0/16, fe80::/10) and cloud metadata services.
+    /// Off by default: a manifest's file URL or a redirect that points there is refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_link_local: bool,
 }

@@ -3,12 +3,16 @@
 pub mod bulk;
 pub mod common;
 pub mod conditions;
+pub mod run;
 pub mod subscription;
+pub mod units;
 pub mod validate;
 
 pub use bulk::*;
 pub use common::*;
+pub use run::*;
 pub use subscription::*;
+pub use units::{parse_duration, parse_quantity};
 
 use kube::CustomResourceExt;
 

@@ -6,8 +6,9 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{DURATION_MSG, DURATION_RULE, FhirServer, SecretKeyRef};
+use super::common::{FhirServer, SecretKeyRef};
 use super::conditions::conditions_schema;
+use super::units::{DURATION_MSG, DURATION_RULE};
 
 /// Rest-hook Subscriptions on a source server that deliver every change straight into Pathling.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]

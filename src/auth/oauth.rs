@@ -97,7 +97,7 @@ impl OAuthProvider {
     }
 
     fn err(&self, url: &Url, message: impl Into<String>) -> AuthError {
-        AuthError::TokenEndpoint { url: crate::fhir::client::redact(url), message: message.into() }
+        AuthError::TokenEndpoint { url: crate::text::redact(url), message: message.into() }
     }
 
     async fn token_url(&self) -> Result<Url, AuthError> {
@@ -116,9 +116,10 @@ impl OAuthProvider {
         if !resp.status().is_success() {
             return Err(self.err(&well_known, format!("token endpoint discovery answered {}{hint}", resp.status())));
         }
-        let v: serde_json::Value = resp
-            .json()
+        let body = crate::net::read_capped(resp, 256 * 1024)
             .await
+            .map_err(|e| self.err(&well_known, format!("reading the SMART configuration: {e}{hint}")))?;
+        let v: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|_| self.err(&well_known, format!("the SMART configuration is not JSON{hint}")))?;
         let te = v
             .get("token_endpoint")
@@ -182,11 +183,15 @@ impl OAuthProvider {
             .await
             .map_err(|e| self.err(&url, format!("cannot reach the token endpoint: {}", e.without_url())))?;
         let status = resp.status();
-        let body = resp.bytes().await.unwrap_or_default();
+        let body = crate::net::read_capped(resp, 64 * 1024)
+            .await
+            .map_err(|e| self.err(&url, format!("reading the token response: {e}")))?;
         if !status.is_success() {
-            let e: OAuthErrorBody = serde_json::from_slice(&body).unwrap_or_default();
+            let mut e: OAuthErrorBody = serde_json::from_slice(&body).unwrap_or_default();
+            e.error = crate::text::peer_text(&e.error, 60);
             let code = if e.error.is_empty() { format!("HTTP {status}") } else { e.error.clone() };
-            let desc = e.error_description.map(|d| format!(" ({d})")).unwrap_or_default();
+            let desc =
+                e.error_description.map(|d| format!(" ({})", crate::text::peer_text(&d, 200))).unwrap_or_default();
             let hint = match e.error.as_str() {
                 "invalid_client" => match self.cfg.grant {
                     Grant::Assertion { .. } => format!(

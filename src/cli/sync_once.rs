@@ -1,8 +1,11 @@
 //! `fhirsync sync-once`: one run of a BulkExportSync from a YAML file, without a cluster, through the
-//! same engine as the operator. `--state` keeps the watermark and an in-flight run between invocations.
+//! same engine and the same decisions (`crate::sync`) as the operator. `--state` keeps the watermark
+//! and an in-flight run between invocations; it is locked while in use, and a run in it is resumed
+//! only for the sync it was started for.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -11,9 +14,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{BulkExportRunStatus, BulkExportSync, Phase, parse_duration, validate::validate_bulk_sync};
-use crate::run::{self, DriveError, Engine, KeyedLocks, Options, Persist};
+use crate::api::validate::validate_bulk_sync;
+use crate::api::{BulkExportRunStatus, BulkExportSync, Phase, RunTemplate};
+use crate::run::resolve::is_object_name;
+use crate::run::{self, Deps, DriveError, KeyedLocks, Options, Persist, PersistError, RunInputs};
 use crate::secrets::{DirSecrets, SecretSource};
+use crate::sync::{self, WatermarkMove};
 
 /// Errors before a run could start (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +41,7 @@ pub struct State {
     /// `_since` of the next incremental run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watermark: Option<Timestamp>,
-    /// Fingerprint of the query the watermark belongs to.
+    /// Fingerprint of the query the watermark (and a run in flight) belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watermark_scope: Option<String>,
     /// A run in flight (resumed by the next invocation).
@@ -43,13 +49,19 @@ pub struct State {
     pub run: Option<RunState>,
 }
 
-/// A run in flight.
+/// A run in flight: its identity, its `_since`, the template it runs and its status.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RunState {
     pub name: String,
+    /// Unique per run: claims its staging area.
+    #[serde(default)]
+    pub uid: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<Timestamp>,
+    /// What the run runs (a resumed run keeps it, whatever the file says now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<RunTemplate>,
     pub status: BulkExportRunStatus,
 }
 
@@ -84,35 +96,13 @@ impl SecretSource for NoSecrets {
         namespace: &'a str,
         r: &'a crate::api::SecretKeyRef,
     ) -> futures::future::BoxFuture<'a, Result<Vec<u8>, crate::secrets::SecretError>> {
-        let e = crate::secrets::SecretError::Unavailable {
+        let e = crate::secrets::SecretError::SecretMissing {
             namespace: namespace.into(),
             name: r.name.clone(),
-            message: "no --secrets-dir given (lay the Secret out as DIR/name/key)".into(),
+            hint: format!(" (no --secrets-dir given: pass a directory holding {}/{})", r.name, r.key),
         };
         Box::pin(async move { Err(e) })
     }
-}
-
-/// Stable 64-bit FNV-1a fingerprint (std's hasher is not stable across releases).
-pub fn fingerprint(s: &str) -> String {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in s.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    format!("{h:016x}")
-}
-
-/// The query a watermark belongs to: source URL, export (without its initial `since`) and target URL.
-pub fn watermark_scope(sync: &BulkExportSync) -> String {
-    let mut e = sync.spec.export.clone();
-    e.since = None;
-    fingerprint(&format!(
-        "{}|{}|{}",
-        sync.spec.source.url.trim_end_matches('/'),
-        serde_json::to_string(&e).unwrap_or_default(),
-        sync.spec.target.url.trim_end_matches('/')
-    ))
 }
 
 /// Parses the first BulkExportSync document of a YAML file.
@@ -130,13 +120,27 @@ pub fn load_sync(path: &Path) -> Result<BulkExportSync, CliError> {
     Err(CliError::Parse { path: p, message: "no document with kind: BulkExportSync".into() })
 }
 
+/// Largest state file read.
+const STATE_MAX: u64 = 4 << 20;
+
 fn read_state(path: &Path) -> Result<State, CliError> {
-    match std::fs::read(path) {
-        Ok(b) => serde_json::from_slice(&b)
-            .map_err(|e| CliError::State { path: path.display().to_string(), message: e.to_string() }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-        Err(e) => Err(CliError::State { path: path.display().to_string(), message: e.to_string() }),
+    let err = |message: String| CliError::State { path: path.display().to_string(), message };
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() > STATE_MAX => {
+            return Err(err(format!("larger than {STATE_MAX} bytes: not a fhirsync state file")));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
+        Err(e) => return Err(err(e.to_string())),
     }
+    let b = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let s: State = serde_json::from_slice(&b).map_err(|e| err(format!("not a fhirsync state file: {e}")))?;
+    if let Some(r) = &s.run
+        && (!is_object_name(&r.name) || r.uid.is_empty() || r.uid.len() > 64)
+    {
+        return Err(err(format!("the run it holds has an invalid name or uid ({:.80?}); delete the file", r.name)));
+    }
+    Ok(s)
 }
 
 fn write_state(path: &Path, s: &State) -> Result<(), String> {
@@ -146,18 +150,39 @@ fn write_state(path: &Path, s: &State) -> Result<(), String> {
     std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Holds `<state>.lock` for the life of the process: two sync-once runs never share a state file.
+fn lock_state(path: &Path) -> Result<std::fs::File, CliError> {
+    let lock = PathBuf::from(format!("{}.lock", path.display()));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .map_err(|e| CliError::State { path: lock.display().to_string(), message: e.to_string() })?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(CliError::State {
+            path: path.display().to_string(),
+            message: "another fhirsync sync-once is using it; wait for it, or use another --state file".into(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(CliError::State { path: lock.display().to_string(), message: format!("cannot lock: {e}") })
+        }
+    }
+}
+
 struct StatePersist {
     path: Option<PathBuf>,
     state: State,
 }
 
 impl Persist for StatePersist {
-    async fn save(&mut self, st: &BulkExportRunStatus) -> Result<(), String> {
+    async fn save(&mut self, st: &BulkExportRunStatus) -> Result<(), PersistError> {
         if let Some(r) = &mut self.state.run {
             r.status = st.clone();
         }
         match &self.path {
-            Some(p) => write_state(p, &self.state),
+            Some(p) => write_state(p, &self.state).map_err(PersistError::Failed),
             None => Ok(()),
         }
     }
@@ -196,19 +221,36 @@ pub async fn run(args: Args) -> i32 {
 
 async fn run_inner(args: &Args) -> Result<i32, CliError> {
     let sync = load_sync(&args.file)?;
-    validate_bulk_sync(&sync.spec).map_err(CliError::Invalid)?;
+    let values = validate_bulk_sync(&sync.spec).map_err(CliError::Invalid)?;
     if let Some(s) = &sync.spec.schedule {
         crate::schedule::Schedule::parse(s, &sync.spec.time_zone).map_err(CliError::Invalid)?;
     }
-    let overlap = parse_duration(&sync.spec.since_overlap).map_err(CliError::Invalid)?;
     let ns = sync.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let name = sync.metadata.name.clone().unwrap_or_else(|| "sync".into());
+    if !is_object_name(&ns) || !is_object_name(&name) {
+        return Err(CliError::Invalid(format!(
+            "metadata.name {name:.80?} and metadata.namespace {ns:.80?} must be lowercase names (letters, digits, '-', '.')"
+        )));
+    }
+    let _lock = match &args.state {
+        Some(p) => Some(lock_state(p)?),
+        None => None,
+    };
     let mut state = match &args.state {
         Some(p) => read_state(p)?,
         None => State::default(),
     };
-    let scope = watermark_scope(&sync);
+    let scope = sync::watermark_scope(&sync.spec);
     if state.watermark_scope.as_deref() != Some(&scope) {
+        if state.run.is_some() {
+            return Err(CliError::State {
+                path: args.state.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                message:
+                    "it holds a run in flight for another sync (its source, export or target differ from this file's); \
+                          run again with the file it was started with, or use another --state file"
+                        .into(),
+            });
+        }
         state.watermark = None; // the old watermark describes another query
         state.watermark_scope = Some(scope);
     }
@@ -216,43 +258,37 @@ async fn run_inner(args: &Args) -> Result<i32, CliError> {
     let run_state = match state.run.clone() {
         Some(r) => r,
         None => {
-            let since = if sync.spec.incremental {
-                state.watermark.or(sync.spec.export.since.as_ref().map(|t| t.0))
-            } else {
-                sync.spec.export.since.as_ref().map(|t| t.0)
-            };
+            let stamp = Timestamp::now().strftime("%Y%m%d%H%M%S").to_string();
+            let uid = uuid::Uuid::new_v4().simple().to_string();
             RunState {
-                name: format!("{name}-{}", Timestamp::now().as_second() / 60),
-                since,
+                name: sync::run_name(&name, &format!("{stamp}-{}", &uid[..6])),
+                uid,
+                since: sync::since(&sync.spec, state.watermark),
+                template: Some(RunTemplate::from(&sync.spec)),
                 status: BulkExportRunStatus::default(),
             }
         }
     };
     state.run = Some(run_state.clone());
-    let secrets: Box<dyn SecretSource> = match &args.secrets_dir {
-        Some(d) => Box::new(DirSecrets::new(d)),
-        None => Box::new(NoSecrets),
+    let secrets: Arc<dyn SecretSource> = match &args.secrets_dir {
+        Some(d) => Arc::new(DirSecrets::new(d)),
+        None => Arc::new(NoSecrets),
     };
+    let inputs = RunInputs {
+        namespace: ns.clone(),
+        name: run_state.name.clone(),
+        uid: run_state.uid.clone(),
+        template: run_state.template.clone().unwrap_or_else(|| RunTemplate::from(&sync.spec)),
+        since: run_state.since,
+    };
+    let deps = Deps { secrets, locks: KeyedLocks::default(), opts: Options::default(), backoff_scale: 1.0 };
     let mut status = run_state.status.clone();
     let mut persist = StatePersist { path: args.state.clone(), state };
-    let setup = match run::resolve::setup(
-        &sync.spec,
-        &ns,
-        &run_state.name,
-        run_state.since,
-        secrets.as_ref(),
-        &Options::default(),
-    )
-    .await
+    if inputs.template.source.tls.as_ref().is_some_and(|t| t.insecure_skip_verify)
+        || inputs.template.target.tls.as_ref().is_some_and(|t| t.insecure_skip_verify)
     {
-        Ok(s) => Some(s),
-        Err(f) => {
-            status.phase = Phase::Failed;
-            status.reason = Some(f.reason.as_str().into());
-            status.message = Some(f.message);
-            None
-        }
-    };
+        eprintln!("warning: tls.insecureSkipVerify is in use: server certificates are not verified");
+    }
     let (tx, rx) = watch::channel(status.clone());
     let reporter = tokio::spawn(report_progress(rx, resumed));
     let cancel = CancellationToken::new();
@@ -262,43 +298,36 @@ async fn run_inner(args: &Args) -> Result<i32, CliError> {
             c2.cancel();
         }
     });
-    let mut interrupted = false;
-    if let Some(setup) = setup {
-        let insecure = setup.insecure_tls;
-        let engine =
-            Engine { setup, locks: KeyedLocks::default(), id: format!("{ns}/{}", run_state.name), backoff_scale: 1.0 };
-        if insecure {
-            eprintln!("warning: tls.insecureSkipVerify is in use: server certificates are not verified");
-        }
-        match run::drive(&engine, &mut status, &mut persist, &tx, &cancel).await {
-            Ok(()) => {}
-            Err(DriveError::Cancelled) => interrupted = true,
-            Err(DriveError::Persist(e)) => {
-                return Err(CliError::State {
-                    path: args.state.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-                    message: e,
-                });
-            }
-        }
-    }
+    let r = run::drive(&inputs, &deps, &mut status, &mut persist, &tx, &cancel).await;
     drop(tx);
     let _ = reporter.await;
-    if interrupted {
-        eprintln!(
-            "interrupted in phase {:?}; {}",
-            status.phase,
-            if args.state.is_some() {
-                "run again with the same --state to resume"
-            } else {
-                "without --state the run cannot be resumed"
-            }
-        );
-        return Ok(130);
+    match r {
+        Ok(()) => {}
+        Err(DriveError::Cancelled) => {
+            eprintln!(
+                "interrupted in phase {:?}; {}",
+                status.phase,
+                if args.state.is_some() {
+                    "run again with the same --state to resume"
+                } else {
+                    "without --state the run cannot be resumed"
+                }
+            );
+            return Ok(130);
+        }
+        Err(e) => {
+            return Err(CliError::State {
+                path: args.state.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                message: e.to_string(),
+            });
+        }
     }
     // the run has ended: fold it into the state
     let mut watermark = persist.state.watermark;
-    if status.phase == Phase::Succeeded && sync.spec.incremental {
-        watermark = run::next_watermark(&status, overlap).or(watermark);
+    if sync.spec.incremental
+        && let WatermarkMove::To(w) = sync::watermark_after(&status, watermark, values.since_overlap)
+    {
+        watermark = Some(w);
     }
     persist.state.watermark = watermark;
     persist.state.run = None;
@@ -366,12 +395,7 @@ async fn report_progress(mut rx: watch::Receiver<BulkExportRunStatus>, resumed: 
     let mut last = String::new();
     while rx.changed().await.is_ok() {
         let st = rx.borrow_and_update().clone();
-        let line = format!(
-            "{:?}: {}{}",
-            st.phase,
-            st.progress.clone().unwrap_or_default(),
-            st.message.as_ref().map(|m| format!(" — {m}")).unwrap_or_default()
-        );
+        let line = progress_line(&st);
         if let Some(b) = &bar {
             if let Some(f) = &st.files
                 && st.phase == Phase::Transferring
@@ -388,4 +412,16 @@ async fn report_progress(mut rx: watch::Receiver<BulkExportRunStatus>, resumed: 
     if let Some(b) = bar {
         b.finish_and_clear();
     }
+}
+
+/// One progress line: the phase, then what is happening (no empty parts).
+pub fn progress_line(st: &BulkExportRunStatus) -> String {
+    let mut parts = vec![];
+    if let Some(m) = st.message.as_deref().filter(|m| !m.is_empty()) {
+        parts.push(m.to_string());
+    }
+    if let Some(p) = st.progress.as_deref().filter(|p| !p.is_empty() && !parts.iter().any(|m| m.contains(p))) {
+        parts.push(format!("({p})"));
+    }
+    if parts.is_empty() { format!("{:?}", st.phase) } else { format!("{:?}: {}", st.phase, parts.join(" ")) }
 }

@@ -1,26 +1,29 @@
-//! BulkExportRun controller: drives one run through the engine in a task of its own, persisting the
-//! status after every step; a finalizer cancels the export and cleans staging when a running run is
-//! deleted.
+//! BulkExportRun controller: drives each run through the engine in a task of its own — started once
+//! per run per process, on a copy of the run read from the API server (never a stale cache) — and
+//! stores its status through one writer that never overwrites a finished run. A finalizer cancels a
+//! run that is deleted while running, using the run's own template (its sync may be gone already).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
-use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::status::{Applied, apply};
 use super::{Context, Error, RunTask};
-use crate::api::conditions::{set_condition, set_insecure_tls, types};
 use crate::api::validate::validate_bulk_sync;
-use crate::api::{BulkExportRun, BulkExportRunStatus, BulkExportSync, FIELD_MANAGER, FINALIZER_RUN, Phase};
-use crate::run::{self, DriveError, Engine, Failure, Memory, Persist, Reason};
+use crate::api::{
+    BulkExportRun, BulkExportRunStatus, BulkExportSync, FIELD_MANAGER, FINALIZER_RUN, Phase, RunTemplate,
+};
+use crate::run::{self, DriveError, Failure, Persist, PersistError, Reason, RunInputs};
 
 /// Builds the controller future and its cache-sync check.
 pub fn controller(
@@ -32,16 +35,12 @@ pub fn controller(
     super::launch(Controller::new(api, watcher::Config::default()), ctx, stop, reconcile)
 }
 
-fn task_key(run: &BulkExportRun) -> String {
-    format!("{}/{}/{}", run.namespace().unwrap_or_default(), run.name_any(), run.uid().unwrap_or_default())
-}
-
 async fn reconcile(run: Arc<BulkExportRun>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = run.namespace().unwrap_or_default();
     let api: Api<BulkExportRun> = Api::namespaced(ctx.client.clone(), &ns);
     finalizer(&api, FINALIZER_RUN, run, |event| async {
         match event {
-            Finalizer::Apply(r) => apply(r, ctx.clone()).await,
+            Finalizer::Apply(r) => apply_run(r, ctx.clone()).await,
             Finalizer::Cleanup(r) => cleanup(r, ctx.clone()).await,
         }
     })
@@ -49,78 +48,131 @@ async fn reconcile(run: Arc<BulkExportRun>, ctx: Arc<Context>) -> Result<Action,
     .map_err(|e| Error::Finalizer(e.to_string()))
 }
 
-async fn apply(run: Arc<BulkExportRun>, ctx: Arc<Context>) -> Result<Action, Error> {
-    if run.status.as_ref().is_some_and(|s| s.phase.is_finished()) {
+async fn apply_run(run: Arc<BulkExportRun>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if run.status.as_ref().is_some_and(|s| s.phase.is_finished()) || ctx.shutdown.is_cancelled() {
         return Ok(Action::await_change());
     }
-    if ctx.shutdown.is_cancelled() {
-        return Ok(Action::await_change());
-    }
-    let key = task_key(&run);
+    let Some(uid) = run.uid() else { return Ok(Action::await_change()) };
     let mut tasks = ctx.tasks.lock().unwrap_or_else(|p| p.into_inner());
-    if tasks.get(&key).is_some_and(|t| !t.handle.is_finished()) {
-        return Ok(Action::await_change());
+    if tasks.contains_key(&uid) {
+        return Ok(Action::await_change()); // once per run per process
     }
     let cancel = CancellationToken::new();
-    let handle = tokio::spawn(drive_run(run.clone(), ctx.clone(), cancel.clone()));
-    tasks.insert(key, RunTask { cancel, handle });
-    Ok(Action::requeue(Duration::from_secs(300)))
+    let handle = tokio::spawn(drive_run(
+        run.namespace().unwrap_or_default(),
+        run.name_any(),
+        uid.clone(),
+        ctx.clone(),
+        cancel.clone(),
+    ));
+    tasks.insert(uid, RunTask { cancel, handle });
+    Ok(Action::await_change())
 }
 
-/// Writes the newest status snapshot with server-side apply; the one lock orders all writers, and
-/// each write takes the latest snapshot, so an older one never overwrites a newer one.
-#[derive(Clone)]
-struct StatusWriter {
+/// Stores a run's status: only when it changed, guarded by resourceVersion, and never over a run
+/// that finished (or was replaced) elsewhere.
+struct Writer {
     api: Api<BulkExportRun>,
     name: String,
-    rx: watch::Receiver<BulkExportRunStatus>,
-    lock: Arc<tokio::sync::Mutex<()>>,
+    uid: String,
+    state: Arc<tokio::sync::Mutex<WriterState>>,
 }
 
-impl StatusWriter {
-    async fn write_latest(&self) -> Result<(), String> {
-        let _g = self.lock.lock().await;
-        let st = self.rx.borrow().clone();
-        let mut last = String::new();
-        for attempt in 0..5u32 {
-            match patch_status(&self.api, &self.name, &st).await {
-                Ok(()) => return Ok(()),
-                Err(kube::Error::Api(s)) if s.code == 404 => return Err("the run was deleted".into()),
-                Err(e) => {
-                    last = e.to_string();
-                    tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt))).await;
+struct WriterState {
+    rv: Option<String>,
+    last: Option<BulkExportRunStatus>,
+}
+
+impl Clone for Writer {
+    fn clone(&self) -> Self {
+        Self { api: self.api.clone(), name: self.name.clone(), uid: self.uid.clone(), state: self.state.clone() }
+    }
+}
+
+/// Longest wait between two attempts to store a status.
+const WRITE_RETRY_MAX: Duration = Duration::from_secs(30);
+
+impl Writer {
+    async fn write(&self, st: &BulkExportRunStatus) -> Result<(), PersistError> {
+        let mut g = self.state.lock().await;
+        if g.last.as_ref() == Some(st) {
+            return Ok(());
+        }
+        let mut attempt = 0u32;
+        loop {
+            let e = match apply(&self.api, &self.name, g.rv.as_deref(), st).await {
+                Ok(Applied::Written(rv)) => {
+                    g.rv = rv;
+                    g.last = Some(st.clone());
+                    return Ok(());
+                }
+                Ok(Applied::Gone) => return Err(PersistError::Gone),
+                Ok(Applied::Conflict) => {
+                    // the object changed (metadata, a filled template): adopt its version unless
+                    // someone else finished or replaced the run
+                    match self.api.get_opt(&self.name).await {
+                        Ok(Some(r)) if r.uid().as_deref() == Some(self.uid.as_str()) => {
+                            if r.status.as_ref().is_some_and(|s| s.phase.is_finished()) {
+                                return Err(PersistError::Gone);
+                            }
+                            g.rv = r.resource_version();
+                            attempt += 1;
+                            if attempt < 5 {
+                                continue;
+                            }
+                            "repeated conflicts".to_string()
+                        }
+                        Ok(_) => return Err(PersistError::Gone),
+                        Err(e) => e.to_string(),
+                    }
+                }
+                Err(e) => e.to_string(),
+            };
+            attempt += 1;
+            if attempt >= 8 {
+                return Err(PersistError::Failed(e));
+            }
+            let wait = crate::fhir::retry::backoff(attempt, Duration::from_millis(200), WRITE_RETRY_MAX);
+            tracing::debug!(run = %self.name, error = %e, "storing the run status failed; retrying");
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+impl Persist for Writer {
+    async fn save(&mut self, st: &BulkExportRunStatus) -> Result<(), PersistError> {
+        self.write(st).await
+    }
+}
+
+/// Reads the run from the API server (not the cache); `None` when it is gone or replaced.
+async fn fresh(api: &Api<BulkExportRun>, name: &str, uid: &str, cancel: &CancellationToken) -> Option<BulkExportRun> {
+    let mut attempt = 0;
+    loop {
+        match api.get_opt(name).await {
+            Ok(Some(r)) if r.uid().as_deref() == Some(uid) => return Some(r),
+            Ok(_) => return None,
+            Err(e) => {
+                attempt += 1;
+                tracing::warn!(run = %name, error = %e, "reading the run failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(crate::fhir::retry::backoff(attempt, Duration::from_secs(1), WRITE_RETRY_MAX)) => {}
+                    _ = cancel.cancelled() => return None,
                 }
             }
         }
-        Err(last)
     }
 }
 
-impl Persist for StatusWriter {
-    async fn save(&mut self, _st: &BulkExportRunStatus) -> Result<(), String> {
-        // drive() has just published `_st` as the newest snapshot
-        self.write_latest().await
+/// The run's template: its own, or — for a run created by hand — the sync's spec, copied into the
+/// run once (so an edit of the sync never reaches it, and it can be cleaned up without the sync).
+async fn template(api: &Api<BulkExportRun>, run: &BulkExportRun, ctx: &Context) -> Result<RunTemplate, Failure> {
+    if let Some(t) = &run.spec.template {
+        return Ok(t.clone());
     }
-}
-
-async fn patch_status(api: &Api<BulkExportRun>, name: &str, st: &BulkExportRunStatus) -> Result<(), kube::Error> {
-    let body = json!({"apiVersion": "fhirsync.io/v1alpha1", "kind": "BulkExportRun", "status": st});
-    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await.map(|_| ())
-}
-
-fn mark_failed(st: &mut BulkExportRunStatus, f: &Failure) {
-    st.phase = Phase::Failed;
-    st.reason = Some(f.reason.as_str().into());
-    st.message = Some(f.message.clone());
-    st.completion_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
-    set_condition(&mut st.conditions, types::FAILED, true, f.reason.as_str(), f.message.clone(), None);
-}
-
-/// Resolves the sync and secrets into an engine for this run.
-async fn engine_for(run: &BulkExportRun, ctx: &Context) -> Result<Engine, Failure> {
     let ns = run.namespace().unwrap_or_default();
-    let syncs: Api<BulkExportSync> = Api::namespaced(ctx.client.clone(), &ns);
     let sync_name = &run.spec.sync_ref.name;
+    let syncs: Api<BulkExportSync> = Api::namespaced(ctx.client.clone(), &ns);
     let sync = match syncs.get_opt(sync_name).await {
         Ok(Some(s)) => s,
         Ok(None) => {
@@ -130,97 +182,113 @@ async fn engine_for(run: &BulkExportRun, ctx: &Context) -> Result<Engine, Failur
             ));
         }
         Err(e) => {
-            return Err(Failure::new(
-                Reason::SourceUnreachable,
-                format!("reading BulkExportSync {ns}/{sync_name}: {e}"),
-            ));
+            return Err(Failure::new(Reason::InvalidSpec, format!("reading BulkExportSync {ns}/{sync_name}: {e}")));
         }
     };
     validate_bulk_sync(&sync.spec)
         .map_err(|m| Failure::new(Reason::InvalidSpec, format!("BulkExportSync {sync_name}: {m}")))?;
-    let since = run.spec.since.as_ref().map(|t| t.0);
-    let setup = run::resolve::setup(&sync.spec, &ns, &run.name_any(), since, ctx.secrets.as_ref(), &ctx.opts).await?;
-    Ok(Engine { setup, locks: ctx.locks.clone(), id: format!("{ns}/{}", run.name_any()), backoff_scale: 1.0 })
+    let t = RunTemplate::from(&sync.spec);
+    let patch = serde_json::json!({"spec": {"template": t}});
+    api.patch(
+        &run.name_any(),
+        &PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() },
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(|e| Failure::new(Reason::InvalidSpec, format!("recording the run's template: {e}")))?;
+    Ok(t)
 }
 
-async fn drive_run(run: Arc<BulkExportRun>, ctx: Arc<Context>, cancel: CancellationToken) {
-    let ns = run.namespace().unwrap_or_default();
-    let name = run.name_any();
+async fn drive_run(ns: String, name: String, uid: String, ctx: Arc<Context>, cancel: CancellationToken) {
     let api: Api<BulkExportRun> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut st = run.status.clone().unwrap_or_default();
-    let fresh = st.start_time.is_none();
-    let (tx, rx) = watch::channel(st.clone());
-    let mut writer = StatusWriter { api, name: name.clone(), rx, lock: Arc::default() };
-    let engine = match engine_for(&run, &ctx).await {
-        Ok(e) => e,
-        Err(f) => {
-            mark_failed(&mut st, &f);
-            tx.send_replace(st.clone());
-            let _ = writer.write_latest().await;
-            ctx.event(run.as_ref(), EventType::Warning, f.reason.as_str(), "Run", f.message).await;
-            count_finished(&ctx, &st);
+    loop {
+        let Some(run) = fresh(&api, &name, &uid, &cancel).await else { return };
+        let mut st = run.status.clone().unwrap_or_default();
+        if st.phase.is_finished() || run.metadata.deletion_timestamp.is_some() {
             return;
         }
-    };
-    set_insecure_tls(&mut st.conditions, engine.setup.insecure_tls, None);
-    if fresh {
-        ctx.event(
-            run.as_ref(),
-            EventType::Normal,
-            "Started",
-            "Run",
-            format!(
-                "run started (since: {})",
-                run.spec.since.as_ref().map(|t| t.0.to_string()).unwrap_or_else(|| "full export".into())
-            ),
-        )
-        .await;
-    } else {
-        tracing::info!(run = %format!("{ns}/{name}"), phase = ?st.phase, "resuming run");
+        let mut writer = Writer {
+            api: api.clone(),
+            name: name.clone(),
+            uid: uid.clone(),
+            state: Arc::new(tokio::sync::Mutex::new(WriterState {
+                rv: run.resource_version(),
+                last: run.status.clone(),
+            })),
+        };
+        let template = match template(&api, &run, &ctx).await {
+            Ok(t) => t,
+            Err(f) => {
+                run::mark_failed(&mut st, &f);
+                let _ = writer.write(&st).await;
+                count_finished(&ctx, &st);
+                ctx.event(&run, EventType::Warning, f.reason.as_str(), "Run", f.message).await;
+                return;
+            }
+        };
+        if st.start_time.is_none() {
+            let since = run.spec.since.as_ref().map(|t| t.0.to_string()).unwrap_or_else(|| "full export".into());
+            ctx.event(&run, EventType::Normal, "Started", "Run", format!("run started (since: {since})")).await;
+        }
+        let inputs = RunInputs {
+            namespace: ns.clone(),
+            name: name.clone(),
+            uid: uid.clone(),
+            template,
+            since: run.spec.since.as_ref().map(|t| t.0),
+        };
+        let (tx, rx) = watch::channel(st.clone());
+        let stop_lazy = cancel.child_token();
+        let lazy = tokio::spawn(write_progress(writer.clone(), rx, stop_lazy.clone()));
+        let r = run::drive(&inputs, &ctx.deps(), &mut st, &mut writer, &tx, &cancel).await;
+        stop_lazy.cancel();
+        let _ = lazy.await;
+        match r {
+            Ok(()) => {
+                count_finished(&ctx, &st);
+                let note = st.message.clone().unwrap_or_default();
+                let (t, reason) = match st.phase {
+                    Phase::Succeeded if st.export_errors > 0 => (EventType::Warning, "PartialExport".to_string()),
+                    Phase::Succeeded => (EventType::Normal, "Succeeded".to_string()),
+                    _ => (
+                        EventType::Warning,
+                        st.reason.clone().filter(|r| !r.is_empty()).unwrap_or_else(|| "Failed".into()),
+                    ),
+                };
+                ctx.event(&run, t, &reason, "Run", note).await;
+                return;
+            }
+            Err(DriveError::Cancelled) => {
+                tracing::info!(run = %format!("{ns}/{name}"), "run paused (shutdown or deletion)");
+                return;
+            }
+            Err(DriveError::Gone) => return,
+            Err(DriveError::Persist(e)) => {
+                // the API server refused our writes for a while: resume from what it holds
+                tracing::warn!(run = %format!("{ns}/{name}"), error = %e, "could not store the run status; resuming in 30s");
+                tokio::select! {
+                    _ = tokio::time::sleep(WRITE_RETRY_MAX) => {}
+                    _ = cancel.cancelled() => return,
+                }
+            }
+        }
     }
-    // progress snapshots (during long transfers) are written every few seconds
-    let progress_task = {
-        let w = writer.clone();
-        let mut rx = w.rx.clone();
-        let stop = cancel.child_token();
-        let s2 = stop.clone();
-        (
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                        _ = s2.cancelled() => return,
-                    }
-                    if rx.has_changed().unwrap_or(false) {
-                        rx.mark_unchanged();
-                        let _ = w.write_latest().await;
-                    }
-                }
-            }),
-            stop,
-        )
-    };
-    let r = run::drive(&engine, &mut st, &mut writer, &tx, &cancel).await;
-    progress_task.1.cancel();
-    let _ = progress_task.0.await;
-    match r {
-        Ok(()) => {
-            let note = st.message.clone().unwrap_or_default();
-            let (t, reason) = match st.phase {
-                Phase::Succeeded if st.export_errors > 0 => (EventType::Warning, "PartialExport".to_string()),
-                Phase::Succeeded => (EventType::Normal, "Succeeded".to_string()),
-                _ => {
-                    (EventType::Warning, st.reason.clone().filter(|r| !r.is_empty()).unwrap_or_else(|| "Failed".into()))
-                }
-            };
-            ctx.event(run.as_ref(), t, &reason, "Run", note).await;
-            count_finished(&ctx, &st);
+}
+
+/// Stores progress snapshots lazily: at most every 2 seconds, and only what changed.
+async fn write_progress(writer: Writer, mut rx: watch::Receiver<BulkExportRunStatus>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = stop.cancelled() => return,
         }
-        Err(DriveError::Cancelled) => {
-            tracing::info!(run = %format!("{ns}/{name}"), "run paused (shutdown or deletion)")
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.cancelled() => return,
         }
-        Err(DriveError::Persist(e)) => {
-            tracing::warn!(run = %format!("{ns}/{name}"), error = %e, "could not persist run status; will resume")
+        let st = rx.borrow_and_update().clone();
+        if writer.write(&st).await.is_err() {
+            return;
         }
     }
 }
@@ -242,36 +310,70 @@ fn count_finished(ctx: &Context, st: &BulkExportRunStatus) {
     m.bytes_transferred.inc_by(st.bytes.max(0) as u64);
 }
 
+/// How long a deleted run's cleanup is retried while a peer refuses it, before the finalizer goes
+/// anyway (with a Warning naming what was left behind).
+const CLEANUP_GRACE: Duration = Duration::from_secs(600);
+
 async fn cleanup(run: Arc<BulkExportRun>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let key = task_key(&run);
-    let task = ctx.tasks.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+    let uid = run.uid().unwrap_or_default();
+    let task = ctx.tasks.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
     if let Some(t) = task {
         t.cancel.cancel();
         let _ = t.handle.await;
     }
-    // the latest persisted status (the cached object may predate the task's last write)
     let ns = run.namespace().unwrap_or_default();
     let api: Api<BulkExportRun> = Api::namespaced(ctx.client.clone(), &ns);
-    let latest = api.get_opt(&run.name_any()).await?.unwrap_or_else(|| (*run).clone());
+    // the latest stored status (the cached object may predate the task's last write)
+    let latest = api.get_opt(&run.name_any()).await?.filter(|r| r.uid() == run.uid()).unwrap_or_else(|| (*run).clone());
+    let Some(template) = latest.spec.template.clone() else {
+        return Ok(Action::await_change()); // never started: nothing outside to clean
+    };
     let mut st = latest.status.clone().unwrap_or_default();
-    if st.phase.is_finished() {
-        return Ok(Action::await_change());
+    let was_running = !st.phase.is_finished();
+    let inputs = RunInputs {
+        namespace: ns.clone(),
+        name: latest.name_any(),
+        uid,
+        template,
+        since: latest.spec.since.as_ref().map(|t| t.0),
+    };
+    let result = run::cancel(&inputs, &ctx.deps(), &mut st).await;
+    if was_running {
+        let _ = apply(&api, &latest.name_any(), None, &st).await;
     }
-    match engine_for(&latest, &ctx).await {
-        Ok(engine) => {
-            engine.cancel(&mut st, &mut Memory::default()).await;
+    match result {
+        Ok(()) => {
+            if was_running {
+                ctx.event(
+                    &latest,
+                    EventType::Normal,
+                    "Cancelled",
+                    "Cancel",
+                    "the run was deleted: export released on the source, Pathling's job cancelled, staged files removed".into(),
+                )
+                .await;
+            }
+            Ok(Action::await_change())
+        }
+        Err(left) => {
+            let age = latest
+                .metadata
+                .deletion_timestamp
+                .as_ref()
+                .map(|t| Timestamp::now().duration_since(t.0).unsigned_abs())
+                .unwrap_or_default();
+            if age < CLEANUP_GRACE {
+                return Err(Error::Other(format!("cleanup of the deleted run is incomplete, retrying: {left}")));
+            }
             ctx.event(
                 &latest,
-                EventType::Normal,
-                "Cancelled",
+                EventType::Warning,
+                "CleanupIncomplete",
                 "Cancel",
-                "the run was deleted: export cancelled on the source, staged files removed".into(),
+                format!("gave up cleaning up after {}s: {left}", CLEANUP_GRACE.as_secs()),
             )
             .await;
-        }
-        Err(f) => {
-            tracing::warn!(run = %run.name_any(), error = %f, "cannot clean up the deleted run's export and staging");
+            Ok(Action::await_change())
         }
     }
-    Ok(Action::await_change())
 }

@@ -1,6 +1,6 @@
-//! BulkExportSync controller: the schedule, the history and the watermark. Creates one
-//! BulkExportRun per run (as a CronJob creates Jobs), never two at once, and folds each finished run
-//! into the sync's status.
+//! BulkExportSync controller: adapts the sync's decisions (`crate::sync`) to the cluster. Creates one
+//! BulkExportRun per due run (as a CronJob creates Jobs), each carrying a snapshot of the spec; never
+//! two at once; folds each finished run into the sync's status; keeps the history.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,23 +8,23 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use super::status::{Applied, apply};
 use super::{Context, Error};
 use crate::api::conditions::{is_true, set_condition, set_insecure_tls, types};
 use crate::api::validate::validate_bulk_sync;
 use crate::api::{
     ANNOTATION_RESET_WATERMARK, ANNOTATION_RUN_NOW, BulkExportRun, BulkExportRunSpec, BulkExportSync,
-    BulkExportSyncStatus, FIELD_MANAGER, LABEL_SYNC, Phase, RunSummary, SyncRef, Trigger, parse_duration,
+    BulkExportSyncStatus, FIELD_MANAGER, LABEL_SYNC, Phase, RunSummary, RunTemplate, SyncRef,
 };
-use crate::cli::sync_once::{fingerprint, watermark_scope};
 use crate::schedule::Schedule;
+use crate::sync::{self, History, WatermarkMove};
 
 /// Builds the controller future and a future that resolves once its cache has synced.
 pub fn controller(
@@ -36,19 +36,6 @@ pub fn controller(
     let runs: Api<BulkExportRun> = super::scoped_api(&ctx.client, &ns);
     let c = Controller::new(syncs, watcher::Config::default()).owns(runs, watcher::Config::default());
     super::launch(c, ctx, stop, reconcile)
-}
-
-/// Writes the status with server-side apply, guarded by the resourceVersion the decision was made on:
-/// a decision taken on a stale cached object fails with 409 and is taken again on fresh data.
-async fn patch_status(
-    api: &Api<BulkExportSync>,
-    name: &str,
-    rv: Option<&str>,
-    st: &BulkExportSyncStatus,
-) -> Result<(), kube::Error> {
-    let body = json!({"apiVersion": "fhirsync.io/v1alpha1", "kind": "BulkExportSync",
-                      "metadata": {"resourceVersion": rv}, "status": st});
-    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await.map(|_| ())
 }
 
 fn uses_insecure_tls(sync: &BulkExportSync) -> bool {
@@ -71,6 +58,20 @@ fn run_is_finished(r: &BulkExportRun) -> bool {
     r.status.as_ref().is_some_and(|s| s.phase.is_finished())
 }
 
+/// Refuses to run: `Ready=False` and `Progressing=False` with the reason.
+fn blocked(st: &mut BulkExportSyncStatus, gen_: Option<i64>, reason: &str, msg: String, what: &str) {
+    set_condition(&mut st.conditions, types::READY, false, reason, msg, gen_);
+    set_condition(
+        &mut st.conditions,
+        types::PROGRESSING,
+        false,
+        reason,
+        format!("no runs while the {what} is invalid"),
+        gen_,
+    );
+    st.next_schedule_time = None;
+}
+
 async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Action, Error> {
     if sync.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change()); // owned runs go with it (garbage collection)
@@ -88,50 +89,35 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
     set_insecure_tls(&mut st.conditions, uses_insecure_tls(&sync), gen_);
 
     // 1. the spec
-    let checked = validate_bulk_sync(&sync.spec)
-        .and_then(|()| crate::run::resolve::check_staging_root(&sync.spec, &ctx.opts).map_err(|f| f.message));
-    if let Err(msg) = checked {
-        set_condition(&mut st.conditions, types::READY, false, "InvalidSpec", format!("{msg}; fix the spec"), gen_);
-        set_condition(
-            &mut st.conditions,
-            types::PROGRESSING,
-            false,
-            "InvalidSpec",
-            "no runs while the spec is invalid",
-            gen_,
-        );
-        return finish(&syncs, &sync, &before, &st, Action::await_change()).await;
-    }
+    let checked = validate_bulk_sync(&sync.spec).and_then(|v| {
+        crate::run::resolve::check_staging_root(&sync.spec.staging, &ctx.opts).map(|()| v).map_err(|f| f.message)
+    });
+    let values = match checked {
+        Ok(v) => v,
+        Err(msg) => {
+            blocked(&mut st, gen_, "InvalidSpec", format!("{msg}; fix the spec"), "spec");
+            return finish(&ctx, &syncs, &sync, &before, &st, Action::await_change()).await;
+        }
+    };
     let schedule = match &sync.spec.schedule {
         Some(expr) => match Schedule::parse(expr, &sync.spec.time_zone) {
             Ok(s) => Some(s),
             Err(msg) => {
-                set_condition(
-                    &mut st.conditions,
-                    types::READY,
-                    false,
+                blocked(
+                    &mut st,
+                    gen_,
                     "InvalidSchedule",
                     format!("{msg}; fix spec.schedule or spec.timeZone"),
-                    gen_,
+                    "schedule",
                 );
-                set_condition(
-                    &mut st.conditions,
-                    types::PROGRESSING,
-                    false,
-                    "InvalidSchedule",
-                    "no runs while the schedule is invalid",
-                    gen_,
-                );
-                st.next_schedule_time = None;
-                return finish(&syncs, &sync, &before, &st, Action::await_change()).await;
+                return finish(&ctx, &syncs, &sync, &before, &st, Action::await_change()).await;
             }
         },
         None => None,
     };
-    let overlap = parse_duration(&sync.spec.since_overlap).unwrap_or(Duration::from_secs(300));
 
     // 2. the watermark belongs to one query: a changed source, export or target resets it
-    let scope = watermark_scope(&sync);
+    let scope = sync::watermark_scope(&sync.spec);
     if st.watermark_scope.as_deref() != Some(&scope) {
         if st.watermark_scope.is_some() && st.watermark.is_some() {
             ctx.event(
@@ -163,14 +149,17 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
     }
 
     // 3. runs: fold the finished active run, adopt an unfinished one
-    let mut runs = runs_api.list(&ListParams::default().labels(&format!("{LABEL_SYNC}={name}"))).await?.items;
+    let label = format!("{LABEL_SYNC}={}", sync::label_value(&name));
+    let mut runs = runs_api.list(&ListParams::default().labels(&label)).await?.items;
     runs.retain(|r| {
         r.owner_references().iter().any(|o| Some(&o.uid) == sync.uid().as_ref()) || r.spec.sync_ref.name == name
     });
     runs.sort_by(|a, b| a.creation_timestamp().cmp(&b.creation_timestamp()).then(a.name_any().cmp(&b.name_any())));
     if let Some(active) = st.active_run.clone() {
         match runs.iter().find(|r| r.name_any() == active) {
-            Some(r) if run_is_finished(r) => fold(&ctx, &sync, &mut st, r, overlap).await,
+            Some(r) if run_is_finished(r) => {
+                fold(&ctx, &sync, &mut st, r, values.since_overlap, schedule.is_some()).await
+            }
             Some(_) => {}
             None => st.active_run = None,
         }
@@ -184,15 +173,8 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
     match &active {
         Some(r) => {
             let phase = r.status.as_ref().map(|s| s.phase).unwrap_or_default();
-            let msg = r.status.as_ref().and_then(|s| s.message.clone()).unwrap_or_else(|| "run starting".into());
-            set_condition(
-                &mut st.conditions,
-                types::PROGRESSING,
-                true,
-                phase_reason(phase),
-                format!("run {}: {msg}", r.name_any()),
-                gen_,
-            );
+            let msg = format!("run {} is {}", r.name_any(), phase_reason(phase).to_ascii_lowercase());
+            set_condition(&mut st.conditions, types::PROGRESSING, true, phase_reason(phase), msg, gen_);
         }
         None => {
             set_condition(&mut st.conditions, types::PROGRESSING, false, "Idle", "no run in flight", gen_);
@@ -216,14 +198,7 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
             gen_,
         );
     }
-
-    // 4. is a run due?
-    let run_now = sync.annotations().get(ANNOTATION_RUN_NOW).cloned();
-    let base = truncate(&name, 200).to_string();
-    let mut due: Option<(Trigger, Timestamp, String)> = None;
-    if let Some(v) = run_now.as_ref().filter(|_| run_now != st.handled_run_now) {
-        due = Some((Trigger::RunNow, now, format!("{base}-now-{}", &fingerprint(v)[..10])));
-    } else if sync.spec.suspend {
+    if sync.spec.suspend {
         let ok = st.last_successful_run.is_some() && !is_true(&st.conditions, types::DEGRADED);
         set_condition(
             &mut st.conditions,
@@ -233,37 +208,36 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
             "spec.suspend is true: no new runs (a run in flight finishes)",
             gen_,
         );
-    } else if let Some(s) = &schedule {
-        let from = st
-            .last_schedule_time
-            .as_ref()
-            .map(|t| t.0)
-            .or_else(|| sync.creation_timestamp().map(|t| t.0))
-            .unwrap_or(now);
-        if let Some(slot) = s.latest_due(from, now) {
-            due = Some((Trigger::Schedule, slot, format!("{base}-{}", slot.as_second() / 60)));
-        }
-    } else if st.last_run_generation != gen_ {
-        due = Some((Trigger::Schedule, now, format!("{base}-g{}", gen_.unwrap_or(0))));
     }
-    if let Some((trigger, slot, run_name)) = due {
+
+    // 4. is a run due?
+    let history = History {
+        run_now: sync.annotations().get(ANNOTATION_RUN_NOW).cloned(),
+        handled_run_now: st.handled_run_now.clone(),
+        last_schedule: st.last_schedule_time.as_ref().map(|t| t.0),
+        created: sync.creation_timestamp().map(|t| t.0),
+        generation: gen_,
+        last_run_generation: st.last_run_generation,
+    };
+    if let Some(due) = sync::due(&name, schedule.as_ref(), sync.spec.suspend, &history, now) {
         if active.is_some() {
             tracing::debug!(sync = %name, "run due but one is in flight; waiting");
         } else {
-            let since = if sync.spec.incremental {
-                st.watermark.as_ref().map(|t| t.0).or(sync.spec.export.since.as_ref().map(|t| t.0))
-            } else {
-                sync.spec.export.since.as_ref().map(|t| t.0)
-            };
+            let since = sync::since(&sync.spec, st.watermark.as_ref().map(|t| t.0));
             let run = BulkExportRun {
                 metadata: ObjectMeta {
-                    name: Some(run_name.clone()),
+                    name: Some(due.name.clone()),
                     namespace: Some(ns.clone()),
-                    labels: Some([(LABEL_SYNC.to_string(), name.clone())].into()),
+                    labels: Some([(LABEL_SYNC.to_string(), sync::label_value(&name))].into()),
                     owner_references: sync.controller_owner_ref(&()).map(|o| vec![o]),
                     ..Default::default()
                 },
-                spec: BulkExportRunSpec { sync_ref: SyncRef { name: name.clone() }, since: since.map(Time), trigger },
+                spec: BulkExportRunSpec {
+                    sync_ref: SyncRef { name: name.clone() },
+                    since: since.map(Time),
+                    trigger: due.trigger,
+                    template: Some(RunTemplate::from(&sync.spec)),
+                },
                 status: None,
             };
             let mut created_before = false;
@@ -278,7 +252,9 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
                         "RunCreated",
                         "Schedule",
                         format!(
-                            "created BulkExportRun {run_name} ({trigger:?}, since: {})",
+                            "created BulkExportRun {} ({:?}, since: {})",
+                            due.name,
+                            due.trigger,
                             since.map(|t| t.to_string()).unwrap_or_else(|| "full export".into())
                         ),
                     )
@@ -287,16 +263,16 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
                 Err(kube::Error::Api(s)) if s.code == 409 => {
                     // created before a crash or by a decision whose status write was lost: the run's
                     // deterministic name makes this idempotent; adopt it unless it already finished
-                    created_before = runs_api.get_opt(&run_name).await?.is_some_and(|r| run_is_finished(&r));
+                    created_before = runs_api.get_opt(&due.name).await?.is_some_and(|r| run_is_finished(&r));
                 }
                 Err(e) => return Err(e.into()),
             }
             if !created_before {
-                st.active_run = Some(run_name.clone());
+                st.active_run = Some(due.name.clone());
             }
-            st.last_schedule_time = Some(Time(slot.min(now)));
-            if trigger == Trigger::RunNow {
-                st.handled_run_now = run_now;
+            st.last_schedule_time = Some(Time(due.slot.min(now)));
+            if due.trigger == crate::api::Trigger::RunNow {
+                st.handled_run_now = history.run_now.clone();
             }
             st.last_run_generation = gen_;
             set_condition(
@@ -304,7 +280,7 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
                 types::PROGRESSING,
                 true,
                 "Pending",
-                format!("run {run_name} created"),
+                format!("run {} created", due.name),
                 gen_,
             );
         }
@@ -344,9 +320,9 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
         let secs = next.0.duration_since(now).as_secs().clamp(1, 3600) as u64;
         Action::requeue(Duration::from_secs(secs))
     } else {
-        Action::requeue(Duration::from_secs(600))
+        Action::requeue(Duration::from_secs(3600))
     };
-    finish(&syncs, &sync, &before, &st, action).await
+    finish(&ctx, &syncs, &sync, &before, &st, action).await
 }
 
 /// Folds a finished run into the sync's status: results, watermark, conditions.
@@ -356,16 +332,25 @@ async fn fold(
     st: &mut BulkExportSyncStatus,
     run: &BulkExportRun,
     overlap: Duration,
+    scheduled: bool,
 ) {
     let gen_ = sync.metadata.generation;
     let rs = run.status.clone().unwrap_or_default();
     st.active_run = None;
+    let retry = if scheduled {
+        "the next scheduled run retries"
+    } else {
+        "fix the cause, then annotate the sync with fhirsync.io/run-now=<new value> to retry"
+    };
     if rs.phase == Phase::Succeeded {
-        if sync.spec.incremental
-            && let Some(w) = crate::run::next_watermark(&rs, overlap)
-        {
-            st.watermark = Some(Time(w));
-        }
+        let moved = sync.spec.incremental
+            && match sync::watermark_after(&rs, st.watermark.as_ref().map(|t| t.0), overlap) {
+                WatermarkMove::To(w) => {
+                    st.watermark = Some(Time(w));
+                    true
+                }
+                WatermarkMove::Stays => false,
+            };
         let total: i64 = rs.resources.values().sum();
         st.last_run_resources = Some(total);
         st.last_successful_run = Some(RunSummary {
@@ -382,12 +367,19 @@ async fn fold(
         );
         set_condition(&mut st.conditions, types::READY, true, "Succeeded", msg, gen_);
         if rs.export_errors > 0 {
+            let held = match (&st.watermark, moved) {
+                (_, true) => String::new(),
+                (Some(w), false) => {
+                    format!(" The watermark stays at {} so the next run fetches again what failed.", w.0)
+                }
+                (None, false) => " The next run is a full export again, to fetch what failed.".into(),
+            };
             set_condition(
                 &mut st.conditions,
                 types::DEGRADED,
                 true,
                 "PartialExport",
-                format!("run {}: {}", run.name_any(), rs.message.clone().unwrap_or_default()),
+                format!("run {}: the source reported {} export errors.{held}", run.name_any(), rs.export_errors),
                 gen_,
             );
         } else {
@@ -395,42 +387,31 @@ async fn fold(
         }
     } else {
         let reason = rs.reason.clone().filter(|r| !r.is_empty()).unwrap_or_else(|| "RunFailed".into());
-        let msg = format!(
-            "run {} failed: {}; the next scheduled run retries",
-            run.name_any(),
-            rs.message.clone().unwrap_or_default()
-        );
+        let msg = format!("run {} failed: {}; {retry}", run.name_any(), rs.message.clone().unwrap_or_default());
         set_condition(&mut st.conditions, types::READY, false, "RunFailed", msg.clone(), gen_);
-        set_condition(&mut st.conditions, types::DEGRADED, true, &reason, msg, gen_);
-        ctx.event(
-            sync,
-            EventType::Warning,
-            &reason,
-            "Run",
-            format!("run {} failed: {}", run.name_any(), rs.message.unwrap_or_default()),
-        )
-        .await;
+        set_condition(&mut st.conditions, types::DEGRADED, true, &reason, msg.clone(), gen_);
+        ctx.event(sync, EventType::Warning, &reason, "Run", msg).await;
     }
 }
 
-fn truncate(s: &str, n: usize) -> &str {
-    if s.len() <= n { s } else { s[..n].trim_end_matches('-') }
-}
-
 async fn finish(
+    ctx: &Context,
     api: &Api<BulkExportSync>,
     sync: &BulkExportSync,
     before: &BulkExportSyncStatus,
     st: &BulkExportSyncStatus,
     action: Action,
 ) -> Result<Action, Error> {
-    if st != before {
-        match patch_status(api, &sync.name_any(), sync.resource_version().as_deref(), st).await {
-            Ok(()) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(Action::await_change()),
-            Err(kube::Error::Api(s)) if s.code == 409 => return Ok(Action::requeue(Duration::from_millis(200))),
-            Err(e) => return Err(e.into()),
+    if st == before {
+        return Ok(action);
+    }
+    match apply(api, &sync.name_any(), sync.resource_version().as_deref(), st).await? {
+        Applied::Written(_) => Ok(action),
+        Applied::Gone => Ok(Action::await_change()),
+        Applied::Conflict => {
+            ctx.metrics.status_conflicts.inc();
+            // decided on a stale copy: decide again shortly, on fresher data
+            Ok(Action::requeue(super::conflict_backoff()))
         }
     }
-    Ok(action)
 }

@@ -13,13 +13,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Readiness};
 use crate::metrics::Metrics;
-use crate::run::{KeyedLocks, Options};
+use crate::run::{Deps, KeyedLocks, Options};
 use crate::secrets::{KubeSecrets, SecretSource};
 use crate::telemetry::LogFormat;
 
 pub mod bulk_run;
 pub mod bulk_sync;
 pub mod leader;
+pub mod status;
 pub mod subscription_sync;
 
 /// Flags of `fhirsync run`.
@@ -78,7 +79,8 @@ impl Error {
 pub type ReadyCheck =
     Box<dyn Fn() -> BoxFuture<'static, Result<(), kube::runtime::reflector::store::WriterDropped>> + Send + Sync>;
 
-/// A run being driven by this process.
+/// A run being driven by this process (kept until the run is deleted: a run's task starts once per
+/// process).
 pub struct RunTask {
     pub cancel: CancellationToken,
     pub handle: tokio::task::JoinHandle<()>,
@@ -87,17 +89,31 @@ pub struct RunTask {
 /// Shared dependencies of the controllers.
 pub struct Context {
     pub client: Client,
-    pub reporter: Reporter,
+    /// One recorder for the process: it deduplicates repeated Events.
+    pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub locks: KeyedLocks,
     pub secrets: Arc<dyn SecretSource>,
     pub opts: Options,
+    /// Run tasks by the run's uid.
     pub tasks: Mutex<HashMap<String, RunTask>>,
     pub shutdown: CancellationToken,
 }
 
+/// A short, jittered wait before deciding again after a status conflict (so that many conflicting
+/// reconciles do not retry in lock step).
+pub fn conflict_backoff() -> std::time::Duration {
+    let jitter = (uuid::Uuid::new_v4().as_u128() % 2000) as u64;
+    std::time::Duration::from_millis(1000 + jitter)
+}
+
 impl Context {
-    /// Publishes an Event; failures are logged, never fatal.
+    /// What a run uses from this process.
+    pub fn deps(&self) -> Deps {
+        Deps { secrets: self.secrets.clone(), locks: self.locks.clone(), opts: self.opts.clone(), backoff_scale: 1.0 }
+    }
+
+    /// Publishes an Event (its note bounded); failures are logged, never fatal.
     pub async fn event<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
@@ -106,17 +122,10 @@ impl Context {
         action: &str,
         note: String,
     ) {
-        let rec = Recorder::new(self.client.clone(), self.reporter.clone());
         let mut note = note;
-        if note.len() > 1000 {
-            let mut cut = 1000;
-            while !note.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            note.truncate(cut);
-        }
+        crate::text::cut_bytes(&mut note, 1000);
         let ev = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
-        if let Err(e) = rec.publish(&ev, &obj.object_ref(&())).await {
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
             tracing::debug!(error = %e, "could not publish event");
         }
     }
@@ -135,7 +144,7 @@ pub async fn run(args: RunArgs) -> i32 {
 }
 
 async fn run_inner(args: RunArgs) -> Result<(), Error> {
-    crate::fhir::client::init_tls();
+    crate::net::init_tls();
     let client = Client::try_default()
         .await
         .map_err(|e| Error::Other(format!("no Kubernetes cluster: set KUBECONFIG or run in a pod ({e})")))?;
@@ -161,7 +170,10 @@ async fn run_inner(args: RunArgs) -> Result<(), Error> {
     };
     let ctx = Arc::new(Context {
         client: client.clone(),
-        reporter: Reporter { controller: "fhirsync".into(), instance: std::env::var("POD_NAME").ok() },
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter { controller: "fhirsync".into(), instance: std::env::var("POD_NAME").ok() },
+        ),
         metrics,
         locks: KeyedLocks::default(),
         secrets: Arc::new(KubeSecrets::new(client.clone())),

@@ -9,20 +9,18 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::{Context, Error, ReadyCheck};
 use crate::api::conditions::{set_condition, set_insecure_tls, types};
+use crate::api::validate::{server_timing, validate_subscription_sync};
 use crate::api::{
-    FIELD_MANAGER, FINALIZER_SUBSCRIPTIONS, FhirSubscriptionSync, FhirSubscriptionSyncStatus, OWNER_TAG_SYSTEM,
-    SubscriptionState, parse_duration,
+    FINALIZER_SUBSCRIPTIONS, FhirSubscriptionSync, FhirSubscriptionSyncStatus, OWNER_TAG_SYSTEM, SubscriptionState,
 };
 use crate::fhir::client::Error as HttpError;
 use crate::fhir::retry::backoff;
@@ -67,12 +65,9 @@ async fn write_status(
     if st == before {
         return Ok(true);
     }
-    let body = json!({"apiVersion": "fhirsync.io/v1alpha1", "kind": "FhirSubscriptionSync",
-                      "metadata": {"resourceVersion": obj.resource_version()}, "status": st});
-    match api.patch_status(&obj.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(false),
-        Err(e) => Err(e.into()),
+    match super::status::apply(api, &obj.name_any(), obj.resource_version().as_deref(), st).await? {
+        super::status::Applied::Written(_) => Ok(true),
+        super::status::Applied::Conflict | super::status::Applied::Gone => Ok(false),
     }
 }
 
@@ -108,14 +103,22 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
     let mut st = before.clone();
     st.observed_generation = gen_;
     let spec = &obj.spec;
-    let verify = parse_duration(&spec.verify_interval).unwrap_or(Duration::from_secs(300));
-    let retry_soon = Action::requeue(verify.min(Duration::from_secs(30)));
     set_insecure_tls(&mut st.conditions, spec.source.tls.as_ref().is_some_and(|t| t.insecure_skip_verify), gen_);
+    let verify = match validate_subscription_sync(spec) {
+        Ok(v) => v,
+        Err(m) => {
+            not_ready(&mut st, gen_, "InvalidSpec", format!("{m}; fix the spec"));
+            write_status(&api, &obj, &before, &st).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let retry_soon = Action::requeue(verify.min(Duration::from_secs(30)));
+    let timing = server_timing(&spec.source, "spec.source").unwrap_or_else(|_| default_timing());
 
-    let http = match resolve::http_client(&spec.source, &ns, ctx.secrets.as_ref(), "spec.source").await {
+    let http = match resolve::http_client(&spec.source, &timing, &ns, ctx.secrets.as_ref(), "spec.source").await {
         Ok(h) => h.client,
         Err(f) => {
-            not_ready(&mut st, gen_, f.reason.as_str(), f.message);
+            not_ready(&mut st, gen_, f.failure.reason.as_str(), f.failure.message);
             write_status(&api, &obj, &before, &st).await?;
             return Ok(retry_soon);
         }
@@ -339,8 +342,9 @@ async fn cleanup(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Ac
     let ns = obj.namespace().unwrap_or_default();
     let name = obj.name_any();
     let api: Api<FhirSubscriptionSync> = Api::namespaced(ctx.client.clone(), &ns);
-    let result = match resolve::http_client(&obj.spec.source, &ns, ctx.secrets.as_ref(), "spec.source").await {
-        Err(f) => Err(f.message),
+    let timing = server_timing(&obj.spec.source, "spec.source").unwrap_or_else(|_| default_timing());
+    let result = match resolve::http_client(&obj.spec.source, &timing, &ns, ctx.secrets.as_ref(), "spec.source").await {
+        Err(f) => Err(f.failure.message),
         Ok(h) => SubscriptionClient::new(h.client).remove_all(&owner_tag(&obj)).await.map_err(|e| e.to_string()),
     };
     match result {
@@ -373,5 +377,16 @@ async fn cleanup(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Ac
             write_status(&api, &obj, &before, &st).await?;
             Err(Error::Other(msg))
         }
+    }
+}
+
+/// Timing for a source whose spec values are out of range (reported as InvalidSpec elsewhere): the
+/// defaults, so that cleanup can still reach it.
+fn default_timing() -> crate::api::validate::ServerTiming {
+    crate::api::validate::ServerTiming {
+        connect: Duration::from_secs(10),
+        response: Duration::from_secs(60),
+        idle: Duration::from_secs(120),
+        max_poll: crate::api::validate::DEFAULT_MAX_POLL,
     }
 }

@@ -1,5 +1,8 @@
 //! FHIR Bulk Data export: kick-off, status polling, manifest, file download, cancel/release.
+//! Everything a source sends is bounded and validated here, at the edge: the manifest's size, its
+//! resource types and URLs, the `X-Progress` text.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -9,8 +12,15 @@ use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use url::Url;
 
-use super::client::{Error, HttpClient, Request, body_error, redact};
+use super::client::{Error, HttpClient, Request, body_error, read_capped};
+use super::ids::{MAX_TYPES, is_type};
 use super::retry::retry_after;
+use crate::text::{peer_text, redact};
+
+/// Largest manifest read (about 100,000 files); a bigger one fails the run with a clear message.
+pub const MANIFEST_MAX: usize = 16 << 20;
+/// Most files one manifest may list.
+pub const MAX_FILES: usize = 200_000;
 
 /// Export level.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,12 +44,11 @@ pub struct ExportRequest {
 impl ExportRequest {
     /// The kick-off URL (GET form): parameters in the query string, `_type` as one comma list.
     pub fn url(&self, client: &HttpClient) -> Url {
-        let path = match &self.level {
-            Level::System => "$export".to_string(),
-            Level::Patient => "Patient/$export".to_string(),
-            Level::Group(id) => format!("Group/{id}/$export"),
+        let mut url = match &self.level {
+            Level::System => client.url("$export"),
+            Level::Patient => client.url("Patient/$export"),
+            Level::Group(id) => client.url_segments(&["Group", id, "$export"]),
         };
-        let mut url = client.url(&path);
         {
             let mut q = url.query_pairs_mut();
             q.append_pair("_outputFormat", "application/fhir+ndjson");
@@ -59,9 +68,7 @@ impl ExportRequest {
         }
         url
     }
-}
 
-impl ExportRequest {
     /// The same request as a `Parameters` resource (POST kick-off).
     pub fn parameters(&self) -> serde_json::Value {
         use serde_json::json;
@@ -82,15 +89,6 @@ impl ExportRequest {
     }
 }
 
-/// Result of a kick-off.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Kickoff {
-    /// Accepted; poll this status URL.
-    Accepted { status_url: String },
-    /// The server is busy (429, or a transient error): try again after the wait.
-    Busy { wait: Option<Duration>, message: String },
-}
-
 /// One output entry of a manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutputFile {
@@ -101,7 +99,8 @@ pub struct OutputFile {
     pub count: Option<u64>,
 }
 
-/// The completed export's manifest.
+/// The completed export's manifest, validated: every `output[]` type is a resource type, every URL
+/// an absolute http(s) URL.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Manifest {
@@ -123,23 +122,63 @@ fn default_true() -> bool {
     true
 }
 
+impl Manifest {
+    /// Parses and validates a manifest body.
+    pub fn parse(body: &[u8]) -> Result<Self, String> {
+        let m: Manifest =
+            serde_json::from_slice(body).map_err(|e| format!("the export manifest is not valid JSON: {e}"))?;
+        let files = m.output.len() + m.deleted.len() + m.error.len();
+        if files > MAX_FILES {
+            return Err(format!("the manifest lists {files} files; fhirsync takes at most {MAX_FILES} per run"));
+        }
+        let mut types = BTreeSet::new();
+        for f in &m.output {
+            if !is_type(&f.type_) {
+                return Err(format!(
+                    "the manifest lists an output of type {:?}, which is not a FHIR resource type",
+                    peer_text(&f.type_, 64)
+                ));
+            }
+            types.insert(f.type_.as_str());
+        }
+        if types.len() > MAX_TYPES {
+            return Err(format!(
+                "the manifest lists {} resource types; FHIR has fewer than {MAX_TYPES}: refusing it",
+                types.len()
+            ));
+        }
+        for f in m.output.iter().chain(&m.deleted).chain(&m.error) {
+            match Url::parse(&f.url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                _ => {
+                    return Err(format!(
+                        "the manifest lists a file URL that is not http(s): {}",
+                        peer_text(&f.url, 80)
+                    ));
+                }
+            }
+        }
+        Ok(m)
+    }
+}
+
 /// Result of one status poll.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Poll {
-    /// Still running.
+    /// Still running; `X-Progress` (bounded) and the server's `Retry-After`.
     InProgress { progress: Option<String>, wait: Option<Duration> },
     /// Done.
     Complete(Box<Manifest>),
-    /// Rate limited or a transient error: poll again after the wait.
-    Retry { wait: Option<Duration>, message: String, throttled: bool },
-    /// The job failed (or is gone); do not poll again.
-    Failed { status: u16, message: String },
 }
 
 /// Bulk Data client for one source server.
 #[derive(Clone, Debug)]
 pub struct BulkClient {
     http: HttpClient,
+}
+
+fn prefer() -> reqwest::header::HeaderName {
+    reqwest::header::HeaderName::from_static("prefer")
 }
 
 impl BulkClient {
@@ -153,12 +192,12 @@ impl BulkClient {
         &self.http
     }
 
-    /// Sends the kick-off request (`Prefer: respond-async`).
-    pub async fn kickoff(&self, req: &ExportRequest) -> Result<Kickoff, Error> {
+    /// Sends the kick-off request (`Prefer: respond-async`); returns the status URL.
+    pub async fn kickoff(&self, req: &ExportRequest) -> Result<String, Error> {
         let url = req.url(&self.http);
         let r = Request::new(Method::GET, url.clone())
             .header(ACCEPT, "application/fhir+json")
-            .header(reqwest::header::HeaderName::from_static("prefer"), "respond-async");
+            .header(prefer(), "respond-async");
         let resp = self.http.send(r).await?;
         if matches!(resp.status(), StatusCode::METHOD_NOT_ALLOWED | StatusCode::URI_TOO_LONG) {
             // POST-only servers (Bulk Data STU4) and very long _typeFilter lists: the same request as
@@ -168,73 +207,30 @@ impl BulkClient {
             let r = Request::new(Method::POST, post_url)
                 .header(ACCEPT, "application/fhir+json")
                 .header(CONTENT_TYPE, "application/fhir+json")
-                .header(reqwest::header::HeaderName::from_static("prefer"), "respond-async")
+                .header(prefer(), "respond-async")
                 .body(serde_json::to_vec(&req.parameters()).unwrap_or_default());
             let resp = self.http.send(r).await?;
-            return self.kickoff_response(&url, Method::POST, resp).await;
+            return kickoff_answer(&url, Method::POST, resp).await;
         }
-        self.kickoff_response(&url, Method::GET, resp).await
-    }
-
-    async fn kickoff_response(&self, url: &Url, method: Method, resp: reqwest::Response) -> Result<Kickoff, Error> {
-        let status = resp.status();
-        if status == StatusCode::ACCEPTED || status == StatusCode::OK && resp.headers().contains_key(CONTENT_LOCATION) {
-            let loc =
-                resp.headers().get(CONTENT_LOCATION).and_then(|v| v.to_str().ok()).ok_or_else(|| Error::Protocol {
-                    url: redact(url),
-                    message: "kick-off answered 202 without a Content-Location status URL".into(),
-                })?;
-            let status_url = url.join(loc).map_err(|_| Error::Protocol {
-                url: redact(url),
-                message: "kick-off returned an invalid Content-Location".into(),
-            })?;
-            return Ok(Kickoff::Accepted { status_url: status_url.to_string() });
-        }
-        let wait = retry_after(resp.headers());
-        let err = Error::from_response(&method, resp).await;
-        if err.is_transient() {
-            return Ok(Kickoff::Busy { wait, message: err.to_string() });
-        }
-        Err(err)
+        kickoff_answer(&url, Method::GET, resp).await
     }
 
     /// Polls the status URL once.
     pub async fn poll(&self, status_url: &str) -> Result<Poll, Error> {
         let url = parse(status_url)?;
         let r = Request::new(Method::GET, url.clone()).header(ACCEPT, "application/json");
-        let resp = match self.http.send(r).await {
-            Ok(r) => r,
-            Err(e) if e.is_transient() => {
-                return Ok(Poll::Retry { wait: None, message: e.to_string(), throttled: false });
-            }
-            Err(e) => return Err(e),
-        };
+        let resp = self.http.send(r).await?;
         let status = resp.status();
-        let wait = retry_after(resp.headers());
         if status == StatusCode::ACCEPTED {
-            let progress = resp
-                .headers()
-                .get("x-progress")
-                .and_then(|v| v.to_str().ok())
-                .map(|s| s.chars().take(100).collect::<String>());
-            return Ok(Poll::InProgress { progress, wait });
+            let progress = resp.headers().get("x-progress").and_then(|v| v.to_str().ok()).map(|s| peer_text(s, 100));
+            return Ok(Poll::InProgress { progress, wait: retry_after(resp.headers()) });
         }
         if status == StatusCode::OK {
-            let body = resp.bytes().await.map_err(|e| body_error(&url, e))?;
-            let manifest: Manifest = serde_json::from_slice(&body).map_err(|e| Error::Protocol {
-                url: redact(&url),
-                message: format!("the export manifest is not valid JSON: {e}"),
-            })?;
+            let body = read_capped(resp, MANIFEST_MAX, "the export manifest").await?;
+            let manifest = Manifest::parse(&body).map_err(|message| Error::Protocol { url: redact(&url), message })?;
             return Ok(Poll::Complete(Box::new(manifest)));
         }
-        let err = Error::from_response(&Method::GET, resp).await;
-        match &err {
-            Error::Status { transient: true, message, status, .. } => {
-                Ok(Poll::Retry { wait, message: message.clone(), throttled: *status == 429 })
-            }
-            Error::Status { status, message, .. } => Ok(Poll::Failed { status: *status, message: message.clone() }),
-            _ => Err(err),
-        }
+        Err(Error::from_response(&Method::GET, resp).await)
     }
 
     /// Cancels a running export or releases a finished one (`DELETE` the status URL). A 404 (already
@@ -276,6 +272,30 @@ impl BulkClient {
     }
 }
 
+async fn kickoff_answer(url: &Url, method: Method, resp: reqwest::Response) -> Result<String, Error> {
+    let status = resp.status();
+    if status == StatusCode::ACCEPTED || status == StatusCode::OK && resp.headers().contains_key(CONTENT_LOCATION) {
+        let loc =
+            resp.headers().get(CONTENT_LOCATION).and_then(|v| v.to_str().ok()).ok_or_else(|| Error::Protocol {
+                url: redact(url),
+                message: "kick-off answered 202 without a Content-Location status URL".into(),
+            })?;
+        let status_url = url.join(loc).ok().filter(|u| matches!(u.scheme(), "http" | "https")).ok_or_else(|| {
+            Error::Protocol { url: redact(url), message: "kick-off returned an invalid Content-Location".into() }
+        })?;
+        return Ok(status_url.to_string());
+    }
+    let err = Error::from_response(&method, resp).await;
+    // Helios answers its per-tenant export cap with 400 "too many concurrent exports": it is busy,
+    // not a bad request
+    match &err {
+        Error::Status { status: 400, message, .. } if message.to_ascii_lowercase().contains("too many concurrent") => {
+            Err(err.into_busy())
+        }
+        _ => Err(err),
+    }
+}
+
 fn gunzip(
     raw: impl Stream<Item = Result<Bytes, Error>> + Send + 'static,
     url: Url,
@@ -285,9 +305,42 @@ fn gunzip(
     let reader = StreamReader::new(raw.map_err(std::io::Error::other));
     let mut dec = GzipDecoder::new(reader);
     dec.multiple_members(true);
-    ReaderStream::new(dec).map_err(move |e| Error::Transport { url: redact(&url), message: format!("gzip: {e}") })
+    ReaderStream::new(dec).map_err(move |e| Error::Protocol { url: redact(&url), message: format!("gzip: {e}") })
 }
 
 fn parse(u: &str) -> Result<Url, Error> {
-    Url::parse(u).map_err(|_| Error::Protocol { url: "(invalid)".into(), message: format!("not a URL: {u:.80}") })
+    Url::parse(u)
+        .map_err(|_| Error::Protocol { url: "(invalid)".into(), message: format!("not a URL: {}", peer_text(u, 80)) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_are_validated_at_the_edge() {
+        let ok = br#"{"transactionTime":"2026-11-26T03:00:00Z","output":[{"type":"Patient","url":"https://s/f/1.ndjson","count":2}]}"#;
+        assert_eq!(Manifest::parse(ok).unwrap().output.len(), 1);
+        let table: &[(&[u8], &str)] = &[
+            (br#"{"output":[{"type":"../x","url":"https://s/f"}]}"#, "not a FHIR resource type"),
+            (br#"{"output":[{"type":"Patient","url":"file:///etc/passwd"}]}"#, "not http(s)"),
+            (br#"{"error":[{"type":"OperationOutcome","url":"ftp://x/y"}]}"#, "not http(s)"),
+            (b"<html>", "not valid JSON"),
+        ];
+        for (body, want) in table {
+            let e = Manifest::parse(body).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+        let many: Vec<String> = (0..300)
+            .map(|i| {
+                let t: String = format!("T{i}")
+                    .chars()
+                    .map(|c| if c.is_ascii_digit() { (b'a' + c as u8 - b'0') as char } else { c })
+                    .collect();
+                format!(r#"{{"type":"{t}","url":"https://s/{i}.ndjson"}}"#)
+            })
+            .collect();
+        let body = format!(r#"{{"output":[{}]}}"#, many.join(","));
+        assert!(Manifest::parse(body.as_bytes()).unwrap_err().contains("resource types"));
+    }
 }

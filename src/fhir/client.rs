@@ -1,53 +1,68 @@
-//! The one place that builds HTTP clients and decides where credentials may go.
+//! The one place that builds HTTP clients and decides where credentials — and requests — may go.
 //!
 //! Rules: the `Authorization` header is only ever attached to requests whose origin equals the origin of
 //! the server's base URL, and only when the caller asks for credentials (a manifest with
 //! `requiresAccessToken: false` does not). Redirects are followed here, hop by hop, so a redirect to
-//! another origin never carries the header. A 401 with a renewable credential renews once and retries once.
+//! another origin never carries the header, and every hop passes the address policy. A 401 with a
+//! renewable credential renews once and retries once. Bodies are read with caps: no peer decides how
+//! much memory fhirsync uses.
 
-use std::sync::{Arc, Once};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue, LOCATION};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION};
 use reqwest::{Method, Response, StatusCode};
 use url::Url;
 
 use crate::auth::{AuthError, AuthProvider};
+use crate::net::{AddressPolicy, PolicyResolver};
+use crate::text::redact;
 
-/// Errors talking to a server. URLs in messages never carry query strings (capability URLs are secrets).
+/// Errors talking to a server. URLs in messages never carry query strings (capability URLs are
+/// secrets); peer text in them is bounded and sanitised.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Could not connect, TLS failed, or the connection broke.
+    /// Could not connect (`connect`), or the connection broke.
     #[error("cannot reach {url}: {message}")]
-    Transport { url: String, message: String },
+    Transport { url: String, message: String, connect: bool },
     /// No response headers within the response timeout.
     #[error("{url} did not answer within {secs}s (timeouts.response)")]
     Timeout { url: String, secs: u64 },
     /// The server answered with an unexpected status.
     #[error("{method} {url} answered {status}: {message}")]
-    Status { method: String, url: String, status: u16, message: String, transient: bool },
+    Status {
+        method: String,
+        url: String,
+        status: u16,
+        message: String,
+        /// The server's `Retry-After`, clamped.
+        retry_after: Option<Duration>,
+        /// The body says the failure is transient (OperationOutcome `transient` and kin).
+        transient: bool,
+        /// The protocol says the server is busy with other work (429, Pathling's import lock, an
+        /// export-concurrency cap): wait and retry.
+        busy: bool,
+    },
     /// A credential could not be produced.
     #[error(transparent)]
     Auth(#[from] AuthError),
     /// The server sent something that breaks the protocol.
     #[error("{url}: {message}")]
     Protocol { url: String, message: String },
+    /// A body larger than fhirsync accepts for its purpose.
+    #[error("{url}: {what} is larger than {limit} bytes; fhirsync does not read it")]
+    TooLarge { url: String, what: String, limit: u64 },
+    /// The address policy refused the URL.
+    #[error("{url}: {why}")]
+    Refused { url: String, why: String },
     /// The client configuration is unusable.
     #[error("{0}")]
     Config(String),
 }
 
 impl Error {
-    /// Whether retrying later may help.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            Error::Transport { .. } | Error::Timeout { .. } => true,
-            Error::Status { transient, .. } => *transient,
-            _ => false,
-        }
-    }
-
     /// The HTTP status, when the error is one.
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -56,26 +71,77 @@ impl Error {
         }
     }
 
+    /// The server's Retry-After, when it sent one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// Marks a status error as "the server is busy" (a protocol-specific reading of its answer).
+    pub fn into_busy(self) -> Self {
+        match self {
+            Error::Status { method, url, status, message, retry_after, transient, .. } => {
+                Error::Status { method, url, status, message, retry_after, transient, busy: true }
+            }
+            e => e,
+        }
+    }
+
+    /// For a failure on the first request to a server: what the user most likely got wrong.
+    pub fn first_contact_hint(&self) -> Option<&'static str> {
+        match self {
+            Error::Transport { message, connect: true, .. } => {
+                let m = message.to_ascii_lowercase();
+                Some(if m.contains("dns") || m.contains("lookup") || m.contains("resolve") {
+                    "the host name does not resolve: check the URL's host"
+                } else if m.contains("refused") {
+                    "nothing listens there: check the URL's host and port"
+                } else if m.contains("certificate") || m.contains("tls") {
+                    "the TLS handshake failed: check https vs http, and tls.caRef"
+                } else {
+                    "check the URL's host and port, and that the server runs"
+                })
+            }
+            Error::Timeout { .. } => Some("the server accepted the connection but never answered: check the URL"),
+            _ => None,
+        }
+    }
+
     /// Builds a status error from a response, reading (a bounded part of) its body.
     pub async fn from_response(method: &Method, resp: Response) -> Self {
         let status = resp.status();
         let url = redact(resp.url());
-        let body = read_limited(resp, 64 * 1024).await;
+        let retry_after = super::retry::retry_after(resp.headers());
+        let ctype = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let body = read_prefix(resp, ERROR_BODY_MAX).await;
         let oo = super::outcome::OperationOutcome::parse(&body);
-        let transient = status == StatusCode::TOO_MANY_REQUESTS
+        let transient = status == StatusCode::REQUEST_TIMEOUT
             || status.is_server_error()
-            || status == StatusCode::REQUEST_TIMEOUT
             || oo.as_ref().is_some_and(|o| o.is_transient());
-        let mut message = super::outcome::describe_body(&body);
+        let mut message = super::outcome::describe_body(&body, ctype.as_deref());
         if message.is_empty() {
             message = status.canonical_reason().unwrap_or("error").to_string();
         }
-        Error::Status { method: method.to_string(), url, status: status.as_u16(), message, transient }
+        let busy = status == StatusCode::TOO_MANY_REQUESTS;
+        Error::Status {
+            method: method.to_string(),
+            url,
+            status: status.as_u16(),
+            message,
+            retry_after,
+            transient,
+            busy,
+        }
     }
 }
 
-/// Reads at most `limit` bytes of a body (error bodies only).
-pub async fn read_limited(mut resp: Response, limit: usize) -> Vec<u8> {
+/// How much of an error body is read.
+const ERROR_BODY_MAX: usize = 64 * 1024;
+
+/// Reads at most `limit` bytes of a body, dropping the rest (error bodies only).
+pub async fn read_prefix(mut resp: Response, limit: usize) -> Vec<u8> {
     let mut out = Vec::new();
     while let Ok(Some(chunk)) = resp.chunk().await {
         let room = limit.saturating_sub(out.len());
@@ -87,15 +153,13 @@ pub async fn read_limited(mut resp: Response, limit: usize) -> Vec<u8> {
     out
 }
 
-/// A URL fit for messages and logs: no query string, no user info.
-pub fn redact(url: &Url) -> String {
-    let mut u = url.clone();
-    let _ = u.set_username("");
-    let _ = u.set_password(None);
-    if u.query().is_some() {
-        u.set_query(Some("…"));
-    }
-    u.to_string()
+/// Reads a whole body of at most `limit` bytes; a bigger one is an error (the body is not kept).
+pub async fn read_capped(resp: Response, limit: usize, what: &str) -> Result<Bytes, Error> {
+    let url = redact(resp.url());
+    crate::net::read_capped(resp, limit).await.map_err(|e| match e {
+        crate::net::BodyError::TooLarge(_) => Error::TooLarge { url, what: what.into(), limit: limit as u64 },
+        crate::net::BodyError::Broken(m) => Error::Transport { url, message: m, connect: false },
+    })
 }
 
 /// Everything needed to talk to one server.
@@ -117,10 +181,12 @@ pub struct ClientConfig {
     pub response_timeout: Duration,
     /// Longest pause while reading a body.
     pub idle_timeout: Duration,
+    /// Which addresses may be reached.
+    pub policy: AddressPolicy,
 }
 
 impl ClientConfig {
-    /// A configuration with default timeouts and no credentials.
+    /// A configuration with default timeouts, no credentials and the default address policy.
     pub fn new(base_url: Url) -> Self {
         Self {
             base_url,
@@ -131,16 +197,9 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(120),
+            policy: AddressPolicy::default(),
         }
     }
-}
-
-/// Installs the process-wide TLS crypto provider (ring) once.
-pub fn init_tls() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
 }
 
 /// An HTTP client bound to one server and its credential.
@@ -150,6 +209,9 @@ pub struct HttpClient {
     base: Url,
     auth: Option<Arc<dyn AuthProvider>>,
     response_timeout: Duration,
+    policy: AddressPolicy,
+    /// Whether the server has ever answered (any HTTP response) through this client.
+    answered: Arc<AtomicBool>,
 }
 
 /// One request to send.
@@ -188,9 +250,10 @@ impl Request {
 const MAX_REDIRECTS: usize = 10;
 
 /// Builds the underlying HTTP client for a configuration: TLS roots, client certificate, timeouts, no
-/// automatic redirects (they are followed by [`HttpClient::send`]), proxies from the environment.
+/// automatic redirects (they are followed by [`HttpClient::send`]), the address policy on every
+/// resolved address, proxies from the environment.
 pub fn build_reqwest(cfg: &ClientConfig) -> Result<reqwest::Client, Error> {
-    init_tls();
+    crate::net::init_tls();
     let mut b = reqwest::Client::builder()
         .tls_backend_rustls()
         .redirect(reqwest::redirect::Policy::none())
@@ -198,6 +261,9 @@ pub fn build_reqwest(cfg: &ClientConfig) -> Result<reqwest::Client, Error> {
         .read_timeout(cfg.idle_timeout)
         .pool_idle_timeout(Duration::from_secs(90))
         .user_agent(concat!("fhirsync/", env!("CARGO_PKG_VERSION")));
+    if !cfg.policy.allow_link_local {
+        b = b.dns_resolver(Arc::new(PolicyResolver { policy: cfg.policy }));
+    }
     if let Some(pem) = &cfg.ca_pem {
         let certs = reqwest::Certificate::from_pem_bundle(pem)
             .map_err(|e| Error::Config(format!("the CA bundle is not valid PEM: {e}")))?;
@@ -223,7 +289,14 @@ impl HttpClient {
     /// Builds a client.
     pub fn new(cfg: &ClientConfig) -> Result<Self, Error> {
         let http = build_reqwest(cfg)?;
-        Ok(Self { http, base: cfg.base_url.clone(), auth: cfg.auth.clone(), response_timeout: cfg.response_timeout })
+        Ok(Self {
+            http,
+            base: cfg.base_url.clone(),
+            auth: cfg.auth.clone(),
+            response_timeout: cfg.response_timeout,
+            policy: cfg.policy,
+            answered: Arc::default(),
+        })
     }
 
     /// The server's base URL.
@@ -236,9 +309,24 @@ impl HttpClient {
         join(&self.base, path)
     }
 
+    /// `base` joined with path segments, each percent-encoded as one segment (for ids from peers).
+    pub fn url_segments(&self, segments: &[&str]) -> Url {
+        let mut u = self.base.clone();
+        u.set_query(None);
+        if let Ok(mut p) = u.path_segments_mut() {
+            p.pop_if_empty().extend(segments);
+        }
+        u
+    }
+
     /// Whether `url` has the base URL's origin (scheme, host and port).
     pub fn same_origin(&self, url: &Url) -> bool {
         url.origin() == self.base.origin()
+    }
+
+    /// Whether the server has answered any request made through this client.
+    pub fn has_answered(&self) -> bool {
+        self.answered.load(Ordering::Relaxed)
     }
 
     /// Sends a request, following redirects and renewing a credential once after a 401.
@@ -260,6 +348,7 @@ impl HttpClient {
         let mut method = req.method.clone();
         let mut body = req.body.clone();
         for _ in 0..=MAX_REDIRECTS {
+            self.policy.check_url(&url).map_err(|why| Error::Refused { url: redact(&url), why })?;
             let mut rb = self.http.request(method.clone(), url.clone()).headers(req.headers.clone());
             if req.credentials
                 && url.origin() == self.base.origin()
@@ -275,6 +364,7 @@ impl HttpClient {
                 Ok(Err(e)) => return Err(transport(&url, e)),
                 Ok(Ok(r)) => r,
             };
+            self.answered.store(true, Ordering::Relaxed);
             if !resp.status().is_redirection() || resp.status() == StatusCode::NOT_MODIFIED {
                 return Ok(resp);
             }
@@ -299,15 +389,19 @@ impl HttpClient {
 }
 
 fn transport(url: &Url, e: reqwest::Error) -> Error {
+    let connect = e.is_connect();
     let e = e.without_url();
-    let mut message = e.to_string();
+    let mut parts: Vec<String> = vec![e.to_string()];
     let mut src: Option<&dyn std::error::Error> = std::error::Error::source(&e);
     while let Some(s) = src {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
+        let m = s.to_string();
+        if !parts.iter().any(|p| p.contains(&m)) {
+            parts.push(m);
+        }
         src = s.source();
     }
-    Error::Transport { url: redact(url), message }
+    let message = crate::text::peer_text(&parts.join(": "), crate::text::PEER_TEXT_MAX);
+    Error::Transport { url: redact(url), message, connect }
 }
 
 /// Joins a relative path onto a base URL, treating the base as a directory.
@@ -337,9 +431,9 @@ mod tests {
     }
 
     #[test]
-    fn redact_drops_query_and_userinfo() {
-        let u = Url::parse("https://u:p@blob.example/f.ndjson?sig=SECRET").unwrap();
-        let r = redact(&u);
-        assert!(!r.contains("SECRET") && !r.contains("u:p"), "{r}");
+    fn segments_are_encoded_one_by_one() {
+        let c = HttpClient::new(&ClientConfig::new(Url::parse("http://h:1/fhir/").unwrap())).unwrap();
+        assert_eq!(c.url_segments(&["Patient", "a.b"]).as_str(), "http://h:1/fhir/Patient/a.b");
+        assert_eq!(c.url_segments(&["Patient", "x/y"]).as_str(), "http://h:1/fhir/Patient/x%2Fy");
     }
 }

@@ -61,25 +61,27 @@ impl OperationOutcome {
                     .clone()
                     .or_else(|| i.details.as_ref().and_then(|d| d.text.clone()))
                     .unwrap_or_default();
-                if text.is_empty() { i.code.clone() } else { format!("{}: {}", i.code, text) }
+                let text = crate::text::peer_text(&text, crate::text::PEER_TEXT_MAX);
+                let code = crate::text::peer_text(&i.code, 40);
+                if text.is_empty() { code } else { format!("{code}: {text}") }
             })
             .collect();
-        parts.join("; ")
+        crate::text::peer_text(&parts.into_iter().take(5).collect::<Vec<_>>().join("; "), crate::text::PEER_TEXT_MAX)
+    }
+
+    /// True when an issue has severity error or fatal.
+    pub fn has_errors(&self) -> bool {
+        self.issue.iter().any(|i| matches!(i.severity.as_str(), "error" | "fatal"))
     }
 }
 
-/// Describes an error body for a person: the OperationOutcome summary, else a short text excerpt.
-pub fn describe_body(body: &[u8]) -> String {
+/// Describes an error body for a person: the OperationOutcome summary, else a short text excerpt (an
+/// HTML page by its title). Always bounded and free of control characters.
+pub fn describe_body(body: &[u8], content_type: Option<&str>) -> String {
     if let Some(oo) = OperationOutcome::parse(body) {
-        return oo.summary();
+        return crate::text::peer_text(&oo.summary(), crate::text::PEER_TEXT_MAX);
     }
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    let mut s: String = text.chars().take(300).collect();
-    if text.chars().count() > 300 {
-        s.push('…');
-    }
-    s
+    crate::text::describe_text_body(body, content_type)
 }
 
 #[cfg(test)]
@@ -94,7 +96,7 @@ mod tests {
         let oo = OperationOutcome::parse(body).unwrap();
         assert!(oo.is_transient());
         assert_eq!(oo.summary(), "transient: database busy");
-        assert_eq!(describe_body(b"plain failure"), "plain failure");
+        assert_eq!(describe_body(b"plain failure", None), "plain failure");
         assert!(OperationOutcome::parse(br#"{"resourceType":"Patient"}"#).is_none());
     }
 }

@@ -8,7 +8,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use url::Url;
 
-use super::client::{Error, HttpClient, Request, redact};
+use super::client::{Error, HttpClient, Request};
+use crate::text::redact;
 
 /// HAPI's channel extension that turns on DELETE notifications.
 pub const SEND_DELETES_EXT: &str = "http://hapifhir.io/fhir/StructureDefinition/subscription-send-delete-messages";

@@ -1,12 +1,12 @@
-//! Turns a BulkExportSync spec plus secrets into ready protocol clients: the only place where CRD
-//! types meet protocol clients.
+//! Turns a run template plus secrets into ready protocol clients: the only place where CRD types meet
+//! protocol clients.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use url::Url;
 
-use crate::api::{self, BulkExportSyncSpec, ClientAuthMethod, ExportLevel, FhirServer, parse_duration};
+use crate::api::validate::{ServerTiming, TemplateValues};
+use crate::api::{self, ClientAuthMethod, ExportLevel, FhirServer, RunTemplate};
 use crate::auth::oauth::{Grant, OAuthConfig};
 use crate::auth::{self, AuthConfig, SecretString, keys};
 use crate::fhir::bulk::{BulkClient, ExportRequest, Level};
@@ -35,29 +35,56 @@ pub struct Options {
     pub staging_root: Option<std::path::PathBuf>,
 }
 
-fn secret_failure(e: SecretError) -> Failure {
-    Failure::new(Reason::AuthFailed, e.to_string())
+/// Why a run could not be set up, and whether trying again later may help (the Secrets API was
+/// unavailable) or not (a Secret is missing, a key is malformed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetupError {
+    pub failure: Failure,
+    pub transient: bool,
 }
 
-async fn secret_string(secrets: &dyn SecretSource, ns: &str, r: &api::SecretKeyRef) -> Result<SecretString, Failure> {
+impl From<Failure> for SetupError {
+    fn from(failure: Failure) -> Self {
+        Self { failure, transient: false }
+    }
+}
+
+fn secret_failure(e: SecretError) -> SetupError {
+    let transient = matches!(e, SecretError::Unavailable { .. });
+    SetupError { failure: Failure::new(Reason::AuthFailed, e.to_string()), transient }
+}
+
+async fn secret_string(
+    secrets: &dyn SecretSource,
+    ns: &str,
+    r: &api::SecretKeyRef,
+) -> Result<SecretString, SetupError> {
     let raw = secrets.get(ns, r).await.map_err(secret_failure)?;
     let s = String::from_utf8(raw).map_err(|_| {
-        Failure::new(Reason::AuthFailed, format!("Secret {ns}/{} key {:?} is not UTF-8 text", r.name, r.key))
+        SetupError::from(Failure::new(
+            Reason::AuthFailed,
+            format!("Secret {ns}/{} key {:?} is not UTF-8 text", r.name, r.key),
+        ))
     })?;
     Ok(SecretString::new(s.trim_end_matches(['\n', '\r']).to_string()))
 }
 
-/// Builds an HTTP client for a server block.
+/// Builds an HTTP client for a server block with its parsed timing.
 pub async fn http_client(
     server: &FhirServer,
+    timing: &ServerTiming,
     ns: &str,
     secrets: &dyn SecretSource,
     what: &str,
-) -> Result<Resolved<HttpClient>, Failure> {
+) -> Result<Resolved<HttpClient>, SetupError> {
     let base = Url::parse(&server.url).map_err(|e| {
-        Failure::new(Reason::InvalidSpec, format!("{what}.url {:?} is not a valid URL: {e}", server.url))
+        Failure::new(Reason::InvalidSpec, format!("{what}.url {:.200?} is not a valid URL: {e}", server.url))
     })?;
     let mut cfg = ClientConfig::new(base.clone());
+    cfg.connect_timeout = timing.connect;
+    cfg.response_timeout = timing.response;
+    cfg.idle_timeout = timing.idle;
+    cfg.policy = crate::net::AddressPolicy { allow_link_local: server.allow_link_local };
     let mut insecure = false;
     if let Some(t) = &server.tls {
         if let Some(ca) = &t.ca_ref {
@@ -72,24 +99,16 @@ pub async fn http_client(
         cfg.insecure_skip_verify = t.insecure_skip_verify;
         insecure = t.insecure_skip_verify;
     }
-    if let Some(t) = &server.timeouts {
-        let d = |s: &str, f: &str| -> Result<Duration, Failure> {
-            parse_duration(s).map_err(|e| Failure::new(Reason::InvalidSpec, format!("{what}.timeouts.{f}: {e}")))
-        };
-        cfg.connect_timeout = d(&t.connect, "connect")?;
-        cfg.response_timeout = d(&t.response, "response")?;
-        cfg.idle_timeout = d(&t.idle, "idle")?;
-    }
     let mut key = format!("{}|anonymous", server.url.trim_end_matches('/'));
     if let Some(a) = &server.auth {
-        let token_url = |u: &Option<String>, field: &str| -> Result<Option<Url>, Failure> {
+        let token_url = |u: &Option<String>, field: &str| -> Result<Option<Url>, SetupError> {
             u.as_ref()
                 .map(|u| {
                     Url::parse(u).map_err(|e| {
-                        Failure::new(
+                        SetupError::from(Failure::new(
                             Reason::InvalidSpec,
-                            format!("{what}.auth.{field}.tokenUrl {u:?} is not a URL: {e}"),
-                        )
+                            format!("{what}.auth.{field}.tokenUrl {u:.200?} is not a URL: {e}"),
+                        ))
                     })
                 })
                 .transpose()
@@ -120,13 +139,13 @@ pub async fn http_client(
             key = format!("{}|smart:{}", server.url, c.client_id);
             let raw = secrets.get(ns, &c.private_key_ref).await.map_err(secret_failure)?;
             let signing = keys::parse_private_key(&raw).map_err(|e| {
-                Failure::new(
+                SetupError::from(Failure::new(
                     Reason::AuthFailed,
                     format!(
                         "Secret {ns}/{} key {:?} ({what}.auth.smartBackendServices.privateKeyRef): {e}",
                         c.private_key_ref.name, c.private_key_ref.key
                     ),
-                )
+                ))
             })?;
             Some(AuthConfig::OAuth(Box::new(OAuthConfig {
                 client_id: c.client_id.clone(),
@@ -152,7 +171,7 @@ pub async fn http_client(
     Ok(Resolved { client, insecure, key })
 }
 
-/// Everything a run needs, resolved from the sync's spec.
+/// Everything a run needs, resolved from its template.
 pub struct RunSetup {
     pub source: BulkClient,
     pub pathling: PathlingClient,
@@ -162,22 +181,22 @@ pub struct RunSetup {
     pub save_mode: String,
     pub apply_deletes: bool,
     pub max_parallel: usize,
-    pub run_timeout: Duration,
+    pub values: TemplateValues,
     pub source_key: String,
     pub pathling_key: String,
     pub insecure_tls: bool,
 }
 
 /// `staging.volume.path` must lie under the operator's `--staging-root` (when it has one).
-pub fn check_staging_root(spec: &BulkExportSyncSpec, opts: &Options) -> Result<(), Failure> {
-    let (Some(v), Some(root)) = (&spec.staging.volume, &opts.staging_root) else { return Ok(()) };
+pub fn check_staging_root(staging: &api::Staging, opts: &Options) -> Result<(), Failure> {
+    let (Some(v), Some(root)) = (&staging.volume, &opts.staging_root) else { return Ok(()) };
     let p = std::path::Path::new(&v.path);
     if !p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) || !p.starts_with(root)
     {
         return Err(Failure::new(
             Reason::InvalidSpec,
             format!(
-                "spec.staging.volume.path {:?} must lie under the operator's --staging-root {:?} (the volume it shares with Pathling)",
+                "spec.staging.volume.path {:.200?} must lie under the operator's --staging-root {:?} (the volume it shares with Pathling)",
                 v.path,
                 root.display()
             ),
@@ -186,41 +205,59 @@ pub fn check_staging_root(spec: &BulkExportSyncSpec, opts: &Options) -> Result<(
     Ok(())
 }
 
-/// Resolves a sync's spec for one run named `run` in `namespace`; `since` is the run's `_since`.
+/// Whether `name` may name a staging folder: a Kubernetes object name (DNS-1123 subdomain).
+pub fn is_object_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    (1..=253).contains(&b.len())
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'.')
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && !name.contains("..")
+}
+
+/// Resolves a run's template for the run named `run` in `namespace`; `since` is the run's `_since`.
 pub async fn setup(
-    spec: &BulkExportSyncSpec,
+    t: &RunTemplate,
+    values: &TemplateValues,
     namespace: &str,
     run: &str,
     since: Option<jiff::Timestamp>,
     secrets: &dyn SecretSource,
     opts: &Options,
-) -> Result<RunSetup, Failure> {
-    let src = http_client(&spec.source, namespace, secrets, "source").await?;
-    let tgt = http_client(&spec.target.server(), namespace, secrets, "target").await?;
-    let level = match spec.export.level {
+) -> Result<RunSetup, SetupError> {
+    if !is_object_name(namespace) || !is_object_name(run) {
+        return Err(Failure::new(
+            Reason::InvalidSpec,
+            format!("run {namespace:.64?}/{run:.64?}: not a valid namespace and object name (lowercase letters, digits, '-', '.')"),
+        )
+        .into());
+    }
+    let src = http_client(&t.source, &values.source, namespace, secrets, "source").await?;
+    let tgt = http_client(&t.target.server(), &values.target, namespace, secrets, "target").await?;
+    let level = match t.export.level {
         ExportLevel::System => Level::System,
         ExportLevel::Patient => Level::Patient,
-        ExportLevel::Group => Level::Group(spec.export.group_id.clone().ok_or_else(|| {
+        ExportLevel::Group => Level::Group(t.export.group_id.clone().ok_or_else(|| {
             Failure::new(Reason::InvalidSpec, "export.groupId is required when export.level is Group")
         })?),
     };
     let export = ExportRequest {
         level,
-        types: spec.export.types.clone(),
-        type_filters: spec.export.type_filters.clone(),
-        elements: spec.export.elements.clone(),
+        types: t.export.types.clone(),
+        type_filters: t.export.type_filters.clone(),
+        elements: t.export.elements.clone(),
         since: since.map(|t| t.to_string()),
     };
-    let staging: Option<Arc<dyn Staging>> = if let Some(v) = &spec.staging.volume {
-        check_staging_root(spec, opts)?;
+    let staging: Option<Arc<dyn Staging>> = if let Some(v) = &t.staging.volume {
+        check_staging_root(&t.staging, opts)?;
         Some(Arc::new(VolumeStaging::new(&v.path, &v.pathling_path, namespace, run)))
-    } else if let Some(o) = &spec.staging.object_store {
+    } else if let Some(o) = &t.staging.object_store {
         let get = |r: &Option<api::SecretKeyRef>| {
             let r = r.clone();
             async move {
                 match r {
                     Some(r) => {
-                        Ok::<_, Failure>(Some(secret_string(secrets, namespace, &r).await?.expose().to_string()))
+                        Ok::<_, SetupError>(Some(secret_string(secrets, namespace, &r).await?.expose().to_string()))
                     }
                     None => Ok(None),
                 }
@@ -240,20 +277,18 @@ pub async fn setup(
     } else {
         None
     };
-    let run_timeout =
-        parse_duration(&spec.run_timeout).map_err(|e| Failure::new(Reason::InvalidSpec, format!("runTimeout: {e}")))?;
     Ok(RunSetup {
         source: BulkClient::new(src.client),
         pathling: PathlingClient::new(tgt.client),
         staging,
         export,
-        source_url: spec.source.url.clone(),
-        save_mode: spec.target.save_mode.code().to_string(),
-        apply_deletes: spec.target.apply_deletes && spec.staging.ping_and_pull.is_none(),
-        max_parallel: spec.max_parallel_downloads.clamp(1, 64) as usize,
-        run_timeout,
+        source_url: t.source.url.clone(),
+        save_mode: t.target.save_mode.code().to_string(),
+        apply_deletes: t.target.apply_deletes && t.staging.ping_and_pull.is_none(),
+        max_parallel: t.max_parallel_downloads.clamp(1, 64) as usize,
+        values: *values,
         source_key: src.key,
-        pathling_key: spec.target.url.trim_end_matches('/').to_string(),
+        pathling_key: t.target.url.trim_end_matches('/').to_string(),
         insecure_tls: src.insecure || tgt.insecure,
     })
 }

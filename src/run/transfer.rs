@@ -1,18 +1,31 @@
-//! Moving files: source → staging with counting and verification, error[] inspection, deleted[]
-//! replay. Everything streams; nothing holds a whole file in memory.
+//! Transferring: source → staging with counting, verification and byte caps, then the `error[]`
+//! files. Everything streams; nothing holds a whole file, and no line is kept past a bound.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
-use tokio::io::AsyncBufReadExt;
+use tokio::sync::watch;
 
-use crate::fhir::bulk::{BulkClient, OutputFile};
+use super::names::StagedName;
+use super::policy::{self, Attempt, Class, Peer};
+use super::{Engine, Failure, Memory, Next, Reason};
+use crate::api::conditions::{set_condition, types};
+use crate::api::{BulkExportRunStatus, FileCounts, Phase};
+use crate::fhir::bulk::{BulkClient, Manifest, OutputFile, Poll};
 use crate::fhir::client::Error as HttpError;
+use crate::fhir::ndjson::{Line, Lines};
 use crate::fhir::outcome::OperationOutcome;
-use crate::pathling::PathlingClient;
+use crate::fhir::retry::backoff;
 use crate::staging::{Staging, StagingError};
+use crate::text::peer_text;
+
+/// Attempts per file before the transfer fails (for failures that may pass).
+pub const FILE_ATTEMPTS: u32 = 4;
+/// Longest `error[]` line whose text is read (longer ones are counted, not read).
+pub const ERROR_LINE_MAX: usize = 64 * 1024;
 
 /// Counts non-blank NDJSON lines across chunk boundaries.
 #[derive(Default, Debug, Clone, Copy)]
@@ -48,18 +61,38 @@ pub enum FileError {
     Http(#[from] HttpError),
     #[error("{0}")]
     Staging(#[from] StagingError),
-    #[error("{what}: the manifest says {expected} resources, {got} arrived")]
-    CountMismatch { what: String, expected: u64, got: u64 },
+    #[error("the manifest says {expected} resources, {got} arrived")]
+    CountMismatch { expected: u64, got: u64 },
+    #[error(
+        "it is larger than spec.limits.maxFileSize ({limit} bytes after decompression); raise the limit if the file is genuine"
+    )]
+    FileTooLarge { limit: u64 },
+    #[error(
+        "the run staged more than spec.limits.maxRunSize ({limit} bytes); raise the limit if the export is genuine"
+    )]
+    RunTooLarge { limit: u64 },
 }
 
 impl FileError {
     /// Whether another attempt may succeed.
     pub fn retryable(&self) -> bool {
         match self {
-            FileError::Http(HttpError::Auth(_) | HttpError::Config(_)) => false,
-            FileError::Http(e) => e.is_transient() || e.status().is_none(),
-            FileError::Staging(_) => true,
+            FileError::Http(e) => matches!(policy::classify(e), Class::Transient | Class::Unreachable | Class::Busy),
+            FileError::Staging(e) => e.retryable(),
             FileError::CountMismatch { .. } => true,
+            FileError::FileTooLarge { .. } | FileError::RunTooLarge { .. } => false,
+        }
+    }
+
+    fn reason(&self) -> Reason {
+        match self {
+            FileError::Http(e) => match policy::classify(e) {
+                Class::Auth => Reason::AuthFailed,
+                Class::Unreachable => Reason::SourceUnreachable,
+                Class::Invalid => Reason::InvalidSpec,
+                _ => Reason::TransferFailed,
+            },
+            _ => Reason::TransferFailed,
         }
     }
 }
@@ -72,13 +105,20 @@ pub struct Tally {
     pub resources: BTreeMap<String, i64>,
 }
 
+/// Byte caps of one run.
+#[derive(Debug)]
+pub struct Caps {
+    pub max_file: u64,
+    pub max_run: u64,
+    /// Bytes staged by the run so far.
+    pub run_bytes: AtomicU64,
+}
+
 /// What to do with one manifest entry.
 #[derive(Debug, Clone)]
 pub struct FileJob {
-    pub name: String,
+    pub name: StagedName,
     pub file: OutputFile,
-    /// Resources (output[]) are counted by type; deleted[] bundles are only staged.
-    pub counts_resources: bool,
 }
 
 /// Stages one file, or counts it when a previous attempt already staged it completely.
@@ -87,160 +127,291 @@ pub async fn stage_file(
     staging: &dyn Staging,
     job: &FileJob,
     requires_token: bool,
-    tally: &Arc<Mutex<Tally>>,
-) -> Result<(), FileError> {
-    let mut staged = None;
-    if staging.exists(&job.name).await? {
+    caps: &Caps,
+) -> Result<(u64, u64), FileError> {
+    let name = job.name.file_name();
+    if staging.exists(&name).await? {
         // staged by an earlier attempt or process: count it, and trust it only if it matches
-        let mut s = staging.read(&job.name).await?;
-        let (mut c, mut n) = (LineCounter::default(), 0u64);
-        while let Some(chunk) = s.try_next().await? {
-            c.feed(&chunk);
-            n += chunk.len() as u64;
+        let s = staging.read(&name).await?;
+        let (lines, bytes) = count(s.map_err(FileError::from), caps, None).await?;
+        if job.file.count.is_none_or(|expected| expected == lines) {
+            return Ok((lines, bytes));
         }
-        if job.file.count.is_none_or(|expected| expected == c.total()) {
-            staged = Some((c.total(), n));
-        } else {
-            tracing::warn!(file = %job.name, "a staged file does not match the manifest count; downloading it again");
-        }
+        caps.run_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        tracing::warn!(file = %name, "a staged file does not match the manifest count; downloading it again");
     }
-    let (lines, bytes) = match staged {
-        Some(x) => x,
-        None => {
-            let stream = source.download(&job.file.url, requires_token).await?;
-            let mut w = staging.create(&job.name).await?;
-            match copy(stream, w.as_mut()).await {
-                Ok((lines, bytes)) => {
-                    if let Some(expected) = job.file.count
-                        && expected != lines
-                    {
-                        w.abort().await;
-                        return Err(FileError::CountMismatch {
-                            what: format!("{} file {}", job.file.type_, job.name),
-                            expected,
-                            got: lines,
-                        });
-                    }
-                    w.finish().await?;
-                    (lines, bytes)
-                }
-                Err(e) => {
-                    w.abort().await;
-                    return Err(e);
-                }
+    let stream = source.download(&job.file.url, requires_token).await?;
+    let mut w = staging.create(&name).await?;
+    match count(stream.map_err(FileError::from), caps, Some(w.as_mut())).await {
+        Ok((lines, bytes)) => {
+            if let Some(expected) = job.file.count
+                && expected != lines
+            {
+                w.abort().await;
+                caps.run_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                return Err(FileError::CountMismatch { expected, got: lines });
             }
+            w.finish().await?;
+            Ok((lines, bytes))
         }
-    };
-    let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
-    t.staged += 1;
-    t.bytes += bytes as i64;
-    if job.counts_resources {
-        *t.resources.entry(job.file.type_.clone()).or_default() += lines as i64;
+        Err(e) => {
+            w.abort().await;
+            Err(e)
+        }
     }
-    Ok(())
 }
 
-async fn copy(
-    stream: impl Stream<Item = Result<Bytes, HttpError>>,
-    w: &mut dyn crate::staging::StagedWriter,
+/// Counts lines and bytes of a stream against the caps, writing it to `w` when given. Bytes of a
+/// failed attempt are given back to the run's budget.
+async fn count(
+    stream: impl Stream<Item = Result<Bytes, FileError>>,
+    caps: &Caps,
+    mut w: Option<&mut dyn crate::staging::StagedWriter>,
 ) -> Result<(u64, u64), FileError> {
     let mut stream = std::pin::pin!(stream);
-    let (mut c, mut n) = (LineCounter::default(), 0u64);
-    while let Some(chunk) = stream.try_next().await? {
-        c.feed(&chunk);
-        n += chunk.len() as u64;
-        w.write(chunk).await?;
+    let (mut c, mut n, mut added) = (LineCounter::default(), 0u64, 0u64);
+    let r: Result<(), FileError> = async {
+        while let Some(chunk) = stream.try_next().await? {
+            let len = chunk.len() as u64;
+            n += len;
+            if n > caps.max_file {
+                return Err(FileError::FileTooLarge { limit: caps.max_file });
+            }
+            let before = caps.run_bytes.fetch_add(len, Ordering::Relaxed);
+            added += len;
+            if before + len > caps.max_run {
+                return Err(FileError::RunTooLarge { limit: caps.max_run });
+            }
+            c.feed(&chunk);
+            if let Some(w) = w.as_mut() {
+                w.write(chunk).await?;
+            }
+        }
+        Ok(())
     }
-    Ok((c.total(), n))
+    .await;
+    match r {
+        Ok(()) => Ok((c.total(), n)),
+        Err(e) => {
+            caps.run_bytes.fetch_sub(added, Ordering::Relaxed);
+            Err(e)
+        }
+    }
 }
 
-/// Reads an error[] file: number of OperationOutcomes and the first few diagnostics.
+/// What the `error[]` files held.
+#[derive(Debug, Default)]
+pub struct ErrorReport {
+    /// Lines that report an error (informational OperationOutcomes are not counted).
+    pub errors: i64,
+    /// The first few diagnostics, bounded and sanitised.
+    pub samples: Vec<String>,
+}
+
+/// Reads one `error[]` file line by line (bounded), counting error lines and keeping a few samples.
 pub async fn inspect_errors(
     source: &BulkClient,
     file: &OutputFile,
     requires_token: bool,
-    samples: &mut Vec<String>,
-) -> Result<i64, HttpError> {
+    max_bytes: u64,
+    report: &mut ErrorReport,
+) -> Result<(), HttpError> {
     let stream = source.download(&file.url, requires_token).await?;
-    let reader = tokio_util::io::StreamReader::new(stream.map_err(std::io::Error::other));
-    let mut lines = reader.lines();
-    let mut n = 0;
-    while let Some(line) = lines.next_line().await.map_err(|e| HttpError::Transport {
-        url: crate::fhir::client::redact(&url::Url::parse(&file.url).unwrap_or_else(|_| source.http().base().clone())),
-        message: e.to_string(),
-    })? {
-        if line.trim().is_empty() {
-            continue;
+    let mut read = 0u64;
+    let url = crate::text::redact_str(&file.url);
+    let capped = stream.map(move |c| {
+        let c = c?;
+        read += c.len() as u64;
+        if read > max_bytes {
+            return Err(HttpError::TooLarge { url: url.clone(), what: "an error[] file".into(), limit: max_bytes });
         }
-        n += 1;
-        if samples.len() < 3 {
-            let s = OperationOutcome::parse(line.as_bytes())
-                .map(|o| o.summary())
-                .unwrap_or_else(|| line.chars().take(200).collect());
-            samples.push(s);
-        }
-    }
-    Ok(n)
-}
-
-/// Replays one staged deleted[] file (NDJSON of transaction Bundles with DELETE entries) as DELETEs on
-/// Pathling. A 404 counts as done, so a resumed replay is harmless. Returns deletions applied.
-pub async fn replay_deletes(staging: &dyn Staging, name: &str, pathling: &PathlingClient) -> Result<i64, String> {
-    let stream = staging.read(name).await.map_err(|e| e.to_string())?;
-    let reader = tokio_util::io::StreamReader::new(stream.map_err(std::io::Error::other));
-    let mut lines = reader.lines();
-    let mut targets = vec![];
-    let mut applied = 0;
-    while let Some(line) = lines.next_line().await.map_err(|e| format!("reading {name}: {e}"))? {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value =
-            serde_json::from_str(&line).map_err(|e| format!("{name}: a line is not a JSON Bundle: {e}"))?;
-        for entry in v.get("entry").and_then(|e| e.as_array()).into_iter().flatten() {
-            let req = entry.get("request");
-            let method = req.and_then(|r| r.get("method")).and_then(|m| m.as_str()).unwrap_or("");
-            let url = req.and_then(|r| r.get("url")).and_then(|m| m.as_str()).unwrap_or("");
-            if method.eq_ignore_ascii_case("DELETE")
-                && let Some((t, id)) = type_and_id(url)
-            {
-                targets.push((t, id));
+        Ok(c)
+    });
+    let mut lines = Lines::new(Box::pin(capped), ERROR_LINE_MAX);
+    while let Some(line) = lines.next().await {
+        let sample = match line? {
+            Line::TooLong(n) => Some(format!("(an error line of {n} bytes, not shown)")),
+            Line::Text(t) => match OperationOutcome::parse(&t) {
+                Some(oo) if !oo.has_errors() => None, // informational
+                Some(oo) => Some(oo.summary()),
+                None => Some(peer_text(&String::from_utf8_lossy(&t), 200)),
+            },
+        };
+        if let Some(s) = sample {
+            report.errors += 1;
+            if report.samples.len() < 3 {
+                report.samples.push(peer_text(&s, 200));
             }
         }
-        // bounded: flush in batches so a huge file never sits in memory
-        if targets.len() >= 1000 {
-            applied += delete_all(pathling, std::mem::take(&mut targets)).await?;
+    }
+    Ok(())
+}
+
+impl Engine {
+    /// The manifest: kept in memory, or read again from the source after a restart (the source keeps
+    /// it until the export is released).
+    async fn manifest(
+        &self,
+        st: &mut BulkExportRunStatus,
+        mem: &mut Memory,
+    ) -> Result<Result<Arc<Manifest>, Next>, Failure> {
+        if let Some(m) = &mem.manifest {
+            return Ok(Ok(m.clone()));
+        }
+        let url = st
+            .export_status_url
+            .clone()
+            .ok_or_else(|| Failure::new(Reason::TransferFailed, "no export status URL recorded"))?;
+        match self.setup.source.poll(&url).await {
+            Ok(Poll::Complete(m)) => {
+                mem.streaks.ok();
+                let m = Arc::new(*m);
+                mem.manifest = Some(m.clone());
+                Ok(Ok(m))
+            }
+            Ok(Poll::InProgress { .. }) => Err(Failure::new(
+                Reason::TransferFailed,
+                "the source reports the finished export as running again; the next run starts a new export",
+            )),
+            Err(e) => {
+                let a = Attempt {
+                    what: "reading the export's manifest again",
+                    peer: Peer::Source,
+                    reason: Reason::TransferFailed,
+                    first_contact: false,
+                };
+                self.on_error(st, mem, a, &e).map(Err)
+            }
         }
     }
-    applied += delete_all(pathling, targets).await?;
-    Ok(applied)
-}
 
-async fn delete_all(pathling: &PathlingClient, targets: Vec<(String, String)>) -> Result<i64, String> {
-    let n = targets.len() as i64;
-    futures::stream::iter(targets)
-        .map(|(t, id)| async move {
-            pathling.delete_resource(&t, &id).await.map_err(|e| format!("DELETE {t}/{id} on Pathling: {e}"))
-        })
-        .buffer_unordered(4)
-        .try_collect::<Vec<()>>()
-        .await
-        .map(|_| n)
-}
-
-/// `Patient/123`, `https://x/fhir/Patient/123` or `Patient/123/_history/2` → (`Patient`, `123`).
-pub fn type_and_id(url: &str) -> Option<(String, String)> {
-    let path = url.split(['?', '#']).next()?;
-    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let segs = match segs.iter().position(|s| *s == "_history") {
-        Some(i) => &segs[..i],
-        None => &segs[..],
-    };
-    if segs.len() < 2 {
-        return None;
+    /// Transferring: stages every file, then reads `error[]`.
+    pub(super) async fn transfer(
+        &self,
+        st: &mut BulkExportRunStatus,
+        mem: &mut Memory,
+        progress: &watch::Sender<BulkExportRunStatus>,
+    ) -> Result<Next, Failure> {
+        let staging =
+            self.setup.staging.clone().ok_or_else(|| Failure::new(Reason::InvalidSpec, "no staging configured"))?;
+        let m = match self.manifest(st, mem).await? {
+            Ok(m) => m,
+            Err(next) => return Ok(next),
+        };
+        staging.claim(&self.uid).await.map_err(|e| Failure::new(Reason::TransferFailed, e.to_string()))?;
+        let mut jobs: Vec<FileJob> = vec![];
+        for (i, f) in m.output.iter().enumerate() {
+            let name = StagedName::output(&f.type_, i).ok_or_else(|| {
+                Failure::new(
+                    Reason::ExportFailed,
+                    format!("output {i} has an invalid type {:?}", peer_text(&f.type_, 64)),
+                )
+            })?;
+            jobs.push(FileJob { name, file: f.clone() });
+        }
+        if self.setup.apply_deletes {
+            jobs.extend(
+                m.deleted
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| FileJob { name: StagedName::Deleted { index: i }, file: f.clone() }),
+            );
+        }
+        let total = jobs.len() as i64;
+        st.files = Some(FileCounts { total, staged: 0 });
+        let caps = Caps {
+            max_file: self.setup.values.max_file_bytes,
+            max_run: self.setup.values.max_run_bytes,
+            run_bytes: AtomicU64::new(0),
+        };
+        let tally = Mutex::new(Tally::default());
+        let requires = m.requires_access_token;
+        futures::stream::iter(jobs)
+            .map(|job| self.stage_with_retries(staging.as_ref(), job, requires, &caps, &tally, total, progress))
+            .buffer_unordered(self.setup.max_parallel)
+            .try_for_each(|()| async { Ok(()) })
+            .await?;
+        let t = tally.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        st.files = Some(FileCounts { total, staged: t.staged });
+        st.bytes = t.bytes;
+        st.resources = t.resources;
+        st.resource_count = Some(st.resources.values().sum());
+        st.progress = Some(format!("{total}/{total} files"));
+        // error[]: import what was exported, count and show what failed
+        let mut report = ErrorReport::default();
+        for f in &m.error {
+            if let Err(e) = inspect_errors(&self.setup.source, f, requires, caps.max_file, &mut report).await {
+                // an unreadable error file still says something failed
+                report.errors += 1;
+                if report.samples.len() < 3 {
+                    report.samples.push(format!("error file unreadable: {e}"));
+                }
+            }
+        }
+        st.export_errors = report.errors;
+        st.message = Some(format!("staged {} files; importing", t.staged));
+        if report.errors > 0 {
+            st.reason = Some(Reason::PartialExport.as_str().into());
+            let msg = format!(
+                "the source reported {} export errors (what was exported is imported; the watermark does not move past this run's _since, so the next run retries); first: {}",
+                report.errors,
+                report.samples.join(" | ")
+            );
+            set_condition(&mut st.conditions, types::DEGRADED, true, Reason::PartialExport.as_str(), &msg, None);
+            st.message = Some(msg);
+        }
+        st.phase = Phase::Importing;
+        Ok(Next::Continue)
     }
-    let (t, id) = (segs[segs.len() - 2], segs[segs.len() - 1]);
-    if t.chars().next()?.is_ascii_uppercase() && !id.is_empty() { Some((t.to_string(), id.to_string())) } else { None }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn stage_with_retries(
+        &self,
+        staging: &dyn Staging,
+        job: FileJob,
+        requires: bool,
+        caps: &Caps,
+        tally: &Mutex<Tally>,
+        total: i64,
+        progress: &watch::Sender<BulkExportRunStatus>,
+    ) -> Result<(), Failure> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match stage_file(&self.setup.source, staging, &job, requires, caps).await {
+                Ok((lines, bytes)) => {
+                    let t = {
+                        let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+                        t.staged += 1;
+                        t.bytes += bytes as i64;
+                        if let StagedName::Output { type_, .. } = &job.name {
+                            *t.resources.entry(type_.clone()).or_default() += lines as i64;
+                        }
+                        (t.staged, t.bytes, t.resources.values().sum::<i64>())
+                    };
+                    progress.send_modify(|s| {
+                        s.files = Some(FileCounts { total, staged: t.0 });
+                        s.bytes = t.1;
+                        s.resource_count = Some(t.2);
+                        s.progress = Some(format!("{}/{total} files", t.0));
+                    });
+                    return Ok(());
+                }
+                Err(e) if e.retryable() && attempt < FILE_ATTEMPTS => {
+                    tracing::warn!(run = %self.id, file = %job.name.file_name(), attempt, error = %e, "file transfer failed; retrying");
+                    let wait = backoff(attempt - 1, policy::ERROR_BASE, policy::ERROR_MAX);
+                    tokio::time::sleep(self.scaled(wait)).await;
+                }
+                Err(e) => {
+                    let tries = if e.retryable() { format!(" after {attempt} attempts") } else { String::new() };
+                    return Err(Failure::new(
+                        e.reason(),
+                        format!("file {} ({}) failed{tries}: {e}", job.name.file_name(), job.file.type_),
+                    ));
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -259,13 +430,16 @@ mod tests {
         assert_eq!(c.total(), 1);
     }
 
-    #[test]
-    fn parses_delete_urls() {
-        assert_eq!(type_and_id("Patient/123"), Some(("Patient".into(), "123".into())));
-        assert_eq!(
-            type_and_id("https://s/fhir/Observation/o-1/_history/3"),
-            Some(("Observation".into(), "o-1".into()))
-        );
-        assert_eq!(type_and_id("123"), None);
+    #[tokio::test]
+    async fn caps_stop_a_stream_and_give_bytes_back() {
+        let caps = Caps { max_file: 10, max_run: 15, run_bytes: AtomicU64::new(0) };
+        let s = futures::stream::iter(vec![Ok(Bytes::from_static(b"0123456\n")), Ok(Bytes::from_static(b"0123456\n"))]);
+        assert!(matches!(count(s, &caps, None).await, Err(FileError::FileTooLarge { limit: 10 })));
+        assert_eq!(caps.run_bytes.load(Ordering::Relaxed), 0);
+        let ok = futures::stream::iter(vec![Ok(Bytes::from_static(b"01234\n"))]);
+        assert_eq!(count(ok, &caps, None).await.unwrap(), (1, 6));
+        let s = futures::stream::iter(vec![Ok(Bytes::from_static(b"0123456\n")), Ok(Bytes::from_static(b"0\n"))]);
+        assert!(matches!(count(s, &caps, None).await, Err(FileError::RunTooLarge { limit: 15 })));
+        assert_eq!(caps.run_bytes.load(Ordering::Relaxed), 6);
     }
 }

@@ -13,7 +13,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
 
-use super::{StagedWriter, Staging, StagingError, join_url};
+use super::{OWNER_MARKER, StagedWriter, Staging, StagingError, join_url};
 
 /// Connection settings for an S3 bucket.
 #[derive(Clone)]
@@ -50,7 +50,7 @@ fn store_err(location: &str, e: object_store::Error) -> StagingError {
 impl ObjectStaging {
     /// Connects (lazily) to the bucket named in `cfg.url`.
     pub fn new(cfg: &S3Config, namespace: &str, run: &str) -> Result<Self, StagingError> {
-        crate::fhir::client::init_tls();
+        crate::net::init_tls();
         let rest = cfg
             .url
             .strip_prefix("s3://")
@@ -116,6 +116,33 @@ impl StagedWriter for MultipartWriter {
 }
 
 impl Staging for ObjectStaging {
+    fn claim(&self, owner: &str) -> BoxFuture<'_, Result<(), StagingError>> {
+        let owner = owner.to_string();
+        let p = self.path(OWNER_MARKER);
+        Box::pin(async move {
+            match self.store.get(&p).await {
+                Ok(r) => {
+                    let found = r.bytes().await.map_err(|e| store_err(&self.location, e))?;
+                    if found.as_ref() == owner.as_bytes() {
+                        Ok(())
+                    } else {
+                        Err(StagingError::Taken {
+                            location: self.location.clone(),
+                            owner: crate::text::peer_text(&String::from_utf8_lossy(&found), 64),
+                        })
+                    }
+                }
+                Err(object_store::Error::NotFound { .. }) => self
+                    .store
+                    .put(&p, Bytes::from(owner.into_bytes()).into())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| store_err(&self.location, e)),
+                Err(e) => Err(store_err(&self.location, e)),
+            }
+        })
+    }
+
     fn create(&self, name: &str) -> BoxFuture<'_, Result<Box<dyn StagedWriter>, StagingError>> {
         let p = self.path(name);
         Box::pin(async move {
@@ -150,15 +177,29 @@ impl Staging for ObjectStaging {
         Box::pin(async move {
             let metas: Vec<_> =
                 self.store.list(Some(&self.prefix)).try_collect().await.map_err(|e| store_err(&self.location, e))?;
-            let mut names: Vec<String> =
-                metas.into_iter().filter_map(|m| m.location.filename().map(str::to_string)).collect();
+            let mut names: Vec<String> = metas
+                .into_iter()
+                .filter_map(|m| m.location.filename().map(str::to_string))
+                .filter(|n| !n.starts_with('.'))
+                .collect();
             names.sort();
             Ok(names)
         })
     }
 
-    fn remove_all(&self) -> BoxFuture<'_, Result<(), StagingError>> {
+    fn remove_all(&self, owner: &str) -> BoxFuture<'_, Result<(), StagingError>> {
+        let owner = owner.to_string();
         Box::pin(async move {
+            match self.store.get(&self.path(OWNER_MARKER)).await {
+                Ok(r) => {
+                    let found = r.bytes().await.map_err(|e| store_err(&self.location, e))?;
+                    if found.as_ref() != owner.as_bytes() {
+                        return Ok(()); // another run's area
+                    }
+                }
+                Err(object_store::Error::NotFound { .. }) => return Ok(()), // never claimed: nothing staged
+                Err(e) => return Err(store_err(&self.location, e)),
+            }
             let locations = self.store.list(Some(&self.prefix)).map_ok(|m| m.location).boxed();
             self.store
                 .delete_stream(locations)

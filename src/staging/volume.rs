@@ -7,7 +7,7 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 
-use super::{StagedWriter, Staging, StagingError, join_url};
+use super::{OWNER_MARKER, StagedWriter, Staging, StagingError, io_error, join_url};
 
 /// `path/<namespace>/<run>/` on a volume Pathling also mounts.
 pub struct VolumeStaging {
@@ -25,7 +25,7 @@ impl VolumeStaging {
     }
 
     fn io(&self, e: std::io::Error) -> StagingError {
-        StagingError::Io { path: self.dir.display().to_string(), source: e }
+        io_error(&self.dir, e)
     }
 }
 
@@ -57,7 +57,7 @@ impl FileWriter {
         .await
         .map_err(|e| StagingError::Io { path: self.tmp.display().to_string(), source: std::io::Error::other(e) })?;
         self.file = Some(file);
-        r.map_err(|e| StagingError::Io { path: self.tmp.display().to_string(), source: e })
+        r.map_err(|e| io_error(&self.tmp, e))
     }
 }
 
@@ -75,8 +75,12 @@ impl StagedWriter for FileWriter {
 
     fn finish(mut self: Box<Self>) -> BoxFuture<'static, Result<(), StagingError>> {
         Box::pin(async move {
-            self.flush_pending().await?;
-            let err = |e| StagingError::Io { path: self.dest.display().to_string(), source: e };
+            let dest = self.dest.clone();
+            let err = |e| io_error(&dest, e);
+            if let Err(e) = self.flush_pending().await {
+                let _ = tokio::fs::remove_file(&self.tmp).await;
+                return Err(e);
+            }
             drop(self.file.take());
             // no fsync: a crashed process leaves complete data in the page cache, and a resumed run
             // re-verifies staged files against the manifest's counts
@@ -94,6 +98,25 @@ impl StagedWriter for FileWriter {
 }
 
 impl Staging for VolumeStaging {
+    fn claim(&self, owner: &str) -> BoxFuture<'_, Result<(), StagingError>> {
+        let owner = owner.to_string();
+        Box::pin(async move {
+            tokio::fs::create_dir_all(&self.dir).await.map_err(|e| self.io(e))?;
+            let marker = self.dir.join(OWNER_MARKER);
+            match tokio::fs::read_to_string(&marker).await {
+                Ok(found) if found == owner => Ok(()),
+                Ok(found) => Err(StagingError::Taken {
+                    location: self.dir.display().to_string(),
+                    owner: crate::text::peer_text(&found, 64),
+                }),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tokio::fs::write(&marker, owner.as_bytes()).await.map_err(|e| self.io(e))
+                }
+                Err(e) => Err(self.io(e)),
+            }
+        })
+    }
+
     fn create(&self, name: &str) -> BoxFuture<'_, Result<Box<dyn StagedWriter>, StagingError>> {
         let dest = self.dir.join(name);
         let tmp = self.dir.join(format!(".{name}{PARTIAL}"));
@@ -141,8 +164,25 @@ impl Staging for VolumeStaging {
         })
     }
 
-    fn remove_all(&self) -> BoxFuture<'_, Result<(), StagingError>> {
+    fn remove_all(&self, owner: &str) -> BoxFuture<'_, Result<(), StagingError>> {
+        let owner = owner.to_string();
         Box::pin(async move {
+            match tokio::fs::read_to_string(self.dir.join(OWNER_MARKER)).await {
+                Ok(found) if found == owner => {}
+                Ok(_) => return Ok(()), // another run's area
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    // never claimed: only leftovers of this run's own attempts can be here
+                    if tokio::fs::try_exists(&self.dir).await.unwrap_or(false) {
+                        let mut rd = tokio::fs::read_dir(&self.dir).await.map_err(|e| self.io(e))?;
+                        while let Some(e) = rd.next_entry().await.map_err(|e| self.io(e))? {
+                            if !e.file_name().to_string_lossy().ends_with(PARTIAL) {
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+                Err(e) => return Err(self.io(e)),
+            }
             match tokio::fs::remove_dir_all(&self.dir).await {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -127,6 +127,11 @@ impl Operator {
         c.wait().ok().and_then(|s| s.code())
     }
 
+    /// Whether the process is still running (it did not crash).
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
     /// The operator's log so far (for assertion messages).
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

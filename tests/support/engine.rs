@@ -1,9 +1,10 @@
 //! Running the engine in-process against the doubles (shared by the protocol and auth suites).
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use fhirsync::api::{BulkExportRunStatus, BulkExportSync};
-use fhirsync::run::{self, Engine, KeyedLocks, Options, Persist};
+use fhirsync::api::{BulkExportRunStatus, BulkExportSync, RunTemplate};
+use fhirsync::run::{self, Deps, Engine, KeyedLocks, Options, Persist, PersistError, RunInputs};
 use fhirsync::secrets::DirSecrets;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -67,6 +68,31 @@ spec:
         serde_yaml::from_str(&yaml).unwrap()
     }
 
+    /// What a run named `run` runs: the sync's spec as its template.
+    pub fn inputs(&self, run: &str, since: Option<jiff::Timestamp>) -> RunInputs {
+        RunInputs {
+            namespace: "ns1".into(),
+            name: run.into(),
+            uid: format!("uid-{run}"),
+            template: RunTemplate::from(&self.sync().spec),
+            since,
+        }
+    }
+
+    /// Secrets from the test directory, fresh locks, waits shrunk 500×.
+    pub fn deps(&self) -> Deps {
+        self.deps_with(KeyedLocks::default())
+    }
+
+    pub fn deps_with(&self, locks: KeyedLocks) -> Deps {
+        Deps {
+            secrets: Arc::new(DirSecrets::new(self.dir.path().join("secrets"))),
+            locks,
+            opts: Options::default(),
+            backoff_scale: 0.002,
+        }
+    }
+
     pub async fn engine(&self, run: &str, since: Option<jiff::Timestamp>) -> Result<Engine, run::Failure> {
         self.engine_with(run, since, KeyedLocks::default()).await
     }
@@ -77,10 +103,7 @@ spec:
         since: Option<jiff::Timestamp>,
         locks: KeyedLocks,
     ) -> Result<Engine, run::Failure> {
-        let sync = self.sync();
-        let secrets = DirSecrets::new(self.dir.path().join("secrets"));
-        let setup = run::resolve::setup(&sync.spec, "ns1", run, since, &secrets, &Options::default()).await?;
-        Ok(Engine { setup, locks, id: format!("ns1/{run}"), backoff_scale: 0.002 })
+        run::engine(&self.inputs(run, since), &self.deps_with(locks)).await.map_err(|e| e.failure)
     }
 
     pub fn secret(&self, name: &str, key: &str, value: &str) {
@@ -95,26 +118,38 @@ spec:
 pub struct Saved(pub Vec<BulkExportRunStatus>);
 
 impl Persist for Saved {
-    async fn save(&mut self, st: &BulkExportRunStatus) -> Result<(), String> {
+    async fn save(&mut self, st: &BulkExportRunStatus) -> Result<(), PersistError> {
         self.0.push(st.clone());
         Ok(())
     }
 }
 
-pub async fn drive(engine: &Engine, st: &mut BulkExportRunStatus) -> Saved {
+/// Drives a run (from `st`) to its end through `run::drive`, as the operator and sync-once do.
+pub async fn drive_inputs(env: &Env, inputs: &RunInputs, st: &mut BulkExportRunStatus) -> Saved {
+    drive_with(inputs, &env.deps(), st).await
+}
+
+/// [`drive_inputs`] with the given process dependencies.
+pub async fn drive_with(inputs: &RunInputs, deps: &Deps, st: &mut BulkExportRunStatus) -> Saved {
     let mut saved = Saved::default();
     let (tx, _rx) = watch::channel(st.clone());
-    tokio::time::timeout(Duration::from_secs(60), run::drive(engine, st, &mut saved, &tx, &CancellationToken::new()))
-        .await
-        .expect("run did not finish in time")
-        .expect("drive");
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        run::drive(inputs, deps, st, &mut saved, &tx, &CancellationToken::new()),
+    )
+    .await
+    .expect("run did not finish in time")
+    .expect("drive");
     saved
 }
 
+pub async fn drive(env: &Env, run: &str, since: Option<jiff::Timestamp>, st: &mut BulkExportRunStatus) -> Saved {
+    drive_inputs(env, &env.inputs(run, since), st).await
+}
+
 pub async fn run_once(env: &Env) -> BulkExportRunStatus {
-    let engine = env.engine("r1", None).await.expect("setup");
     let mut st = BulkExportRunStatus::default();
-    drive(&engine, &mut st).await;
+    drive(env, "r1", None, &mut st).await;
     st
 }
 

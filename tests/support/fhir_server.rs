@@ -93,7 +93,7 @@ impl FakeFhirServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (changed, _) = watch::channel(0);
-        fhirsync::fhir::client::init_tls();
+        fhirsync::net::init_tls();
         let me = Self {
             inner: Arc::new(Mutex::new(Inner {
                 cfg,

@@ -9,3 +9,4 @@ pub mod s3;
 pub mod smart;
 pub mod source;
 pub mod tls;
+pub mod world;

@@ -32,6 +32,14 @@ pub struct PathlingConfig {
     pub fail_import: Option<(u16, String)>,
     /// When set, requests need `Authorization: Bearer <token>`.
     pub bearer: Option<String>,
+    /// Every `$job` poll answers 404 (a Pathling that forgets every job).
+    pub lose_jobs_forever: bool,
+    /// Every `$import` answers this status.
+    pub import_status_forever: Option<u16>,
+    /// Every `$job` poll answers this status.
+    pub job_status_forever: Option<u16>,
+    /// A finished job answers 200 with this body instead of its result (and imports nothing).
+    pub job_result_body: Option<String>,
 }
 
 /// A received `$import`.
@@ -45,6 +53,9 @@ pub struct ImportRecord {
 /// What the emulator saw.
 #[derive(Clone, Debug, Default)]
 pub struct PathlingLog {
+    /// `$import` requests received, accepted or not.
+    pub import_posts: u32,
+    pub metadata_reads: u32,
     pub imports: Vec<ImportRecord>,
     pub pnp: Vec<Value>,
     pub rejected: Vec<String>,
@@ -99,6 +110,7 @@ impl FakePathling {
             base: format!("http://{addr}/fhir"),
         };
         let app = Router::new()
+            .route("/fhir/metadata", get(metadata))
             .route("/fhir/$import", post(import))
             .route("/fhir/$import-pnp", post(import_pnp))
             .route("/fhir/$job", get(job).delete(delete_job))
@@ -200,11 +212,24 @@ fn parse_import(body: &[u8]) -> Result<ImportRecord, String> {
     Ok(rec)
 }
 
+async fn metadata(State(s): State<FakePathling>) -> Response {
+    s.inner.lock().unwrap().log.metadata_reads += 1;
+    s.touch();
+    let cs = json!({"resourceType": "CapabilityStatement", "fhirVersion": "4.0.1", "status": "active", "kind": "instance",
+        "software": {"name": "Pathling", "version": "3.0.0"},
+        "rest": [{"mode": "server", "operation": [{"name": "import"}, {"name": "export"}, {"name": "job"}],
+                  "interaction": [{"code": "batch"}]}]});
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/fhir+json")], cs.to_string()).into_response()
+}
+
 async fn import(State(s): State<FakePathling>, headers: HeaderMap, body: Bytes) -> Response {
     let r = {
         let mut i = s.inner.lock().unwrap();
+        i.log.import_posts += 1;
         if let Some(r) = check_auth(&i, &headers) {
             r
+        } else if let Some(code) = i.cfg.import_status_forever {
+            (StatusCode::from_u16(code).unwrap(), oo("exception", "internal error")).into_response()
         } else if headers.get("prefer").and_then(|v| v.to_str().ok()) != Some("respond-async") {
             i.log.rejected.push("missing Prefer: respond-async".into());
             (StatusCode::BAD_REQUEST, oo("invalid", "Prefer: respond-async is mandatory")).into_response()
@@ -305,6 +330,19 @@ async fn job(State(s): State<FakePathling>, Query(q): Query<JobQ>, headers: Head
         i.log.job_polls += 1;
         if let Some(r) = check_auth(i, &headers) {
             r
+        } else if i.cfg.lose_jobs_forever {
+            if i.jobs.remove(&q.id).is_some() {
+                i.running = i.running.saturating_sub(1);
+            }
+            (StatusCode::NOT_FOUND, oo("not-found", "unknown job")).into_response()
+        } else if let Some(code) = i.cfg.job_status_forever {
+            (StatusCode::from_u16(code).unwrap(), oo("exception", "internal error")).into_response()
+        } else if let Some(body) = i.cfg.job_result_body.clone()
+            && i.jobs.contains_key(&q.id)
+        {
+            i.jobs.remove(&q.id);
+            i.running = i.running.saturating_sub(1);
+            (StatusCode::OK, body).into_response()
         } else if i.cfg.lose_job_once && i.jobs.contains_key(&q.id) {
             i.cfg.lose_job_once = false;
             i.jobs.remove(&q.id);

@@ -1,6 +1,8 @@
 //! A FHIR Bulk Data source written for the tests, with the quirks of real servers: 429 with
 //! Retry-After as seconds, HTTP-date or epoch; transient 5xx and OperationOutcome errors; a cancelled job
 //! answering 202 forever (HAPI); manifest counts; a download cut off midway; gzip; deleted[]; error[].
+//! And hostile ones: errors forever, a kick-off that never answers, bodies trickled a byte at a time,
+//! gzip bombs, endless manifests and error lines, raw manifests of any shape.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -11,6 +13,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use futures::StreamExt;
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -80,6 +83,22 @@ pub struct SourceConfig {
     pub file_base: Option<String>,
     /// `transactionTime` in the manifest; default: the time of the kick-off.
     pub transaction_time: Option<String>,
+    /// Every kick-off answers this status with an OperationOutcome (after `kickoff_429`).
+    pub kickoff_error: Option<(u16, String)>,
+    /// The first kick-off creates its job but never answers (a process killed while waiting).
+    pub hang_first_kickoff: bool,
+    /// Output files are sent one byte per interval.
+    pub trickle_files: Option<std::time::Duration>,
+    /// The manifest is sent one byte per interval.
+    pub trickle_manifest: Option<std::time::Duration>,
+    /// The manifest body, verbatim (file URLs may use `{base}` for this server's origin).
+    pub raw_manifest: Option<String>,
+    /// The manifest is an endless JSON stream of this many bytes.
+    pub endless_manifest: Option<u64>,
+    /// error[] file 0 is one line of this many bytes.
+    pub huge_error_line: Option<u64>,
+    /// Output file 0 is a gzip bomb: this many MiB of 'a' once decompressed.
+    pub gzip_bomb_mib: Option<u32>,
 }
 
 impl Default for SourceConfig {
@@ -106,6 +125,14 @@ impl Default for SourceConfig {
             smart_token_endpoint: None,
             redirect_files_to: None,
             post_only: false,
+            kickoff_error: None,
+            hang_first_kickoff: false,
+            trickle_files: None,
+            trickle_manifest: None,
+            raw_manifest: None,
+            endless_manifest: None,
+            huge_error_line: None,
+            gzip_bomb_mib: None,
         }
     }
 }
@@ -278,8 +305,17 @@ async fn kickoff(
     }
     let body =
         (method == axum::http::Method::POST).then(|| serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null));
+    let hang = {
+        let mut i = s.inner.lock().unwrap();
+        std::mem::take(&mut i.cfg.hang_first_kickoff) && rest.ends_with("$export")
+    };
     let r = kickoff_inner(&s, rest, q, headers, method.to_string(), body);
     s.touch();
+    if hang {
+        // the job exists now (not blocking other exports), but its answer never comes
+        s.inner.lock().unwrap().log.active_exports -= 1;
+        std::future::pending::<()>().await;
+    }
     r
 }
 
@@ -332,6 +368,9 @@ fn kickoff_inner(
             outcome("error", "throttled", "one export at a time"),
         )
             .into_response();
+    }
+    if let Some((code, msg)) = i.cfg.kickoff_error.clone() {
+        return (StatusCode::from_u16(code).unwrap(), outcome("error", "exception", &msg)).into_response();
     }
     if i.log.active_exports > 0 {
         // like Epic/Cerner: one export in flight per client
@@ -431,7 +470,35 @@ fn poll_inner(s: &FakeSource, id: String, headers: HeaderMap) -> Response {
         "requiresAccessToken": cfg.requires_token,
         "output": output, "deleted": deleted, "error": errors
     });
-    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], manifest.to_string()).into_response()
+    if let Some(n) = cfg.endless_manifest {
+        let head = Bytes::from_static(b"{\"output\":[");
+        let entry = Bytes::from(format!(r#"{{"type":"Patient","url":"{}/files/out-0.ndjson"}},"#, s.origin()));
+        let chunks = n / entry.len() as u64;
+        let stream = futures::stream::iter(std::iter::once(head).chain((0..chunks).map(move |_| entry.clone())))
+            .map(Ok::<Bytes, std::io::Error>);
+        return Response::builder()
+            .status(200)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from_stream(stream))
+            .unwrap();
+    }
+    let body = match &cfg.raw_manifest {
+        Some(raw) => raw.replace("{base}", &s.origin()),
+        None => manifest.to_string(),
+    };
+    if let Some(every) = cfg.trickle_manifest {
+        return trickle(body.into_bytes(), every, "application/json");
+    }
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// A body sent one byte per `every`.
+fn trickle(body: Vec<u8>, every: std::time::Duration, ctype: &'static str) -> Response {
+    let stream = futures::stream::iter(body).then(move |b| async move {
+        tokio::time::sleep(every).await;
+        Ok::<Bytes, std::io::Error>(Bytes::from(vec![b]))
+    });
+    Response::builder().status(200).header(header::CONTENT_TYPE, ctype).body(Body::from_stream(stream)).unwrap()
 }
 
 async fn cancel(State(s): State<FakeSource>, Path(id): Path<String>, headers: HeaderMap) -> Response {
@@ -455,7 +522,7 @@ async fn cancel(State(s): State<FakeSource>, Path(id): Path<String>, headers: He
 
 async fn file(State(s): State<FakeSource>, Path(name): Path<String>, headers: HeaderMap) -> Response {
     let had_auth = headers.contains_key(header::AUTHORIZATION);
-    let (lines, cut, gzip, need_auth) = {
+    let (lines, cut, gzip, need_auth, special) = {
         let mut i = s.inner.lock().unwrap();
         i.log.downloads.push((name.clone(), had_auth));
         i.log.auth_headers.push((name.clone(), had_auth));
@@ -481,15 +548,55 @@ async fn file(State(s): State<FakeSource>, Path(name): Path<String>, headers: He
             _ => None,
         };
         let need_auth = i.cfg.requires_token && i.cfg.file_base.is_none();
-        (lines, i.cfg.cut_first_download && first && kind == "out", i.cfg.gzip, need_auth)
+        let special = match (kind, idx) {
+            ("err", 0) if i.cfg.huge_error_line.is_some() => i.cfg.huge_error_line.map(Special::ErrorLine),
+            ("out", 0) if i.cfg.gzip_bomb_mib.is_some() => i.cfg.gzip_bomb_mib.map(Special::Bomb),
+            ("out", _) => i.cfg.trickle_files.map(Special::Trickle),
+            _ => None,
+        };
+        (lines, i.cfg.cut_first_download && first && kind == "out", i.cfg.gzip, need_auth, special)
     };
     s.touch();
     if need_auth && let Some(r) = unauthorized(&s, &headers) {
         return r;
     }
+    match special {
+        Some(Special::ErrorLine(n)) => {
+            // one line of n bytes, generated as it is sent
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let full = n / chunk.len() as u64;
+            let stream = futures::stream::iter(
+                (0..full).map(move |_| chunk.clone()).chain(std::iter::once(Bytes::from_static(b"\n"))),
+            )
+            .map(Ok::<Bytes, std::io::Error>);
+            return Response::builder()
+                .status(200)
+                .header(header::CONTENT_TYPE, "application/fhir+ndjson")
+                .body(Body::from_stream(stream))
+                .unwrap();
+        }
+        Some(Special::Bomb(mib)) => {
+            // gzip members of 1 MiB of 'a' each: ~1 KiB on the wire per MiB decoded
+            use std::io::Write;
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            e.write_all(&vec![b'a'; 1 << 20]).unwrap();
+            let member = Bytes::from(e.finish().unwrap());
+            let stream = futures::stream::iter((0..mib).map(move |_| member.clone())).map(Ok::<Bytes, std::io::Error>);
+            return Response::builder()
+                .status(200)
+                .header(header::CONTENT_TYPE, "application/fhir+ndjson")
+                .header(header::CONTENT_ENCODING, "gzip")
+                .body(Body::from_stream(stream))
+                .unwrap();
+        }
+        _ => {}
+    }
     let Some(lines) = lines else { return StatusCode::NOT_FOUND.into_response() };
     let mut body = lines.join("\n").into_bytes();
     body.push(b'\n');
+    if let Some(Special::Trickle(every)) = special {
+        return trickle(body, every, "application/fhir+ndjson");
+    }
     if cut {
         // send half of the promised bytes, then break the connection
         let half = Bytes::copy_from_slice(&body[..body.len() / 2]);
@@ -521,6 +628,12 @@ async fn file(State(s): State<FakeSource>, Path(name): Path<String>, headers: He
         .header(header::CONTENT_TYPE, "application/fhir+ndjson")
         .body(Body::from(body))
         .unwrap()
+}
+
+enum Special {
+    ErrorLine(u64),
+    Bomb(u32),
+    Trickle(std::time::Duration),
 }
 
 /// `n` resources of a type, as NDJSON lines.

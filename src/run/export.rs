@@ -1,0 +1,177 @@
+//! Pending → Exporting → Transferring: Pathling's preflight, the one-export-per-source queue, the
+//! kick-off (its intent recorded before it is sent) and the status polls.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use tokio::sync::watch;
+
+use super::policy::{Attempt, Peer};
+use super::{Engine, Failure, Memory, Next, Reason, finish::job_is_dead, now};
+use crate::api::{BulkExportRunStatus, Phase};
+use crate::fhir::bulk::Poll;
+
+/// Kick-offs lost in crashes before a run gives up (each may have left an export on the source).
+pub const MAX_LOST_KICKOFFS: u32 = 3;
+
+impl Engine {
+    /// Pending: check that Pathling answers, wait for the source's export slot, record the intent,
+    /// kick off.
+    pub(super) async fn start(
+        &self,
+        st: &mut BulkExportRunStatus,
+        mem: &mut Memory,
+        progress: &watch::Sender<BulkExportRunStatus>,
+    ) -> Result<Next, Failure> {
+        if self.setup.staging.is_none() {
+            return self.import(st, mem, progress).await; // pingAndPull: Pathling exports itself
+        }
+        // a wrong Pathling URL fails in seconds, before anything is exported
+        if !mem.target_checked {
+            let http = self.setup.pathling.http();
+            match crate::fhir::capabilities::read(http).await {
+                Ok(_) => {
+                    mem.streaks.ok();
+                    mem.target_checked = true;
+                }
+                Err(e) => {
+                    let a = Attempt {
+                        what: "checking that Pathling answers (GET metadata)",
+                        peer: Peer::Target,
+                        reason: Reason::ImportFailed,
+                        first_contact: !http.has_answered(),
+                    };
+                    return self.on_error(st, mem, a, &e);
+                }
+            }
+        }
+        if mem.source_lock.is_none() {
+            let key = format!("source:{}", self.setup.source_key);
+            mem.source_lock = Some(self.queue(st, progress, &key, "an export on the same source and credential").await);
+        }
+        if st.kickoff_time.is_some() && st.export_status_url.is_none() && !mem.kickoff_intent {
+            // recorded by a process that stopped before the answer came
+            st.lost_kickoffs += 1;
+            if st.lost_kickoffs > MAX_LOST_KICKOFFS {
+                return Err(Failure::new(
+                    Reason::ExportFailed,
+                    format!(
+                        "{} kick-offs were interrupted before their answer arrived; each may have left an export on the source that fhirsync cannot release",
+                        st.lost_kickoffs
+                    ),
+                ));
+            }
+            tracing::warn!(run = %self.id, "a kick-off's answer was lost in a restart; an export may be running on the source that cannot be released");
+        }
+        if !mem.kickoff_intent {
+            mem.kickoff_intent = true;
+            st.kickoff_time = Some(now());
+            st.message = Some(match st.lost_kickoffs {
+                0 => "starting the export".into(),
+                n => format!(
+                    "starting the export again: {n} earlier kick-off(s) were interrupted before their answer came; \
+                     the source may still run an export fhirsync cannot find or release (Bulk Data offers no way to)"
+                ),
+            });
+            return Ok(Next::Continue); // stored before the kick-off is sent
+        }
+        match self.setup.source.kickoff(&self.setup.export).await {
+            Ok(url) => {
+                mem.streaks.ok();
+                st.export_status_url = Some(url);
+                st.phase = Phase::Exporting;
+                st.poll_attempts = 0;
+                st.queue_position = None;
+                st.message = Some("export started; polling the source".into());
+                mem.waiting_since = Some(std::time::Instant::now());
+                // the first poll comes early: many jobs finish in a second (Helios says 120 s anyway)
+                Ok(Next::Wait(self.scaled(Duration::from_secs(1))))
+            }
+            Err(e) => {
+                let a = Attempt {
+                    what: "export kick-off",
+                    peer: Peer::Source,
+                    reason: Reason::ExportFailed,
+                    first_contact: !self.setup.source.http().has_answered(),
+                };
+                self.on_error(st, mem, a, &e)
+            }
+        }
+    }
+
+    /// Waits in the fair queue for `key`, showing the position in the status while waiting.
+    pub(super) async fn queue(
+        &self,
+        st: &mut BulkExportRunStatus,
+        progress: &watch::Sender<BulkExportRunStatus>,
+        key: &str,
+        what: &str,
+    ) -> super::locks::LockGuard {
+        let g = self
+            .locks
+            .acquire(key, &self.id, |p| {
+                let message = format!(
+                    "waiting: {} ahead in the queue for {what} ({}holds it now; one at a time)",
+                    p.ahead,
+                    p.holder.as_ref().map(|h| format!("run {h} ")).unwrap_or_default()
+                );
+                progress.send_modify(|s| {
+                    s.queue_position = Some(p.ahead as u32);
+                    s.message = Some(message.clone());
+                });
+                st.message = Some(message);
+            })
+            .await;
+        st.queue_position = None;
+        g
+    }
+
+    /// Exporting: one poll of the status URL.
+    pub(super) async fn poll_export(&self, st: &mut BulkExportRunStatus, mem: &mut Memory) -> Result<Next, Failure> {
+        let url = st
+            .export_status_url
+            .clone()
+            .ok_or_else(|| Failure::new(Reason::ExportFailed, "no export status URL recorded"))?;
+        match self.setup.source.poll(&url).await {
+            Ok(Poll::InProgress { progress, wait }) => {
+                mem.streaks.ok();
+                if let Some(p) = &progress
+                    && job_is_dead(p)
+                {
+                    // HAPI keeps answering 202 for a cancelled or errored job
+                    return Err(Failure::new(
+                        Reason::ExportFailed,
+                        format!(
+                            "the source reports the export job as {p:?}; it will not complete. The next run starts a new export"
+                        ),
+                    ));
+                }
+                st.progress = progress;
+                st.poll_attempts = if wait.is_some() { 0 } else { st.poll_attempts.saturating_add(1) };
+                st.message = Some("export in progress on the source".into());
+                Ok(Next::Wait(self.poll_wait(mem, wait, st.poll_attempts, self.setup.values.source.max_poll)))
+            }
+            Ok(Poll::Complete(m)) => {
+                mem.streaks.ok();
+                mem.waiting_since = None;
+                st.transaction_time = m.transaction_time.as_deref().and_then(|t| t.parse::<Timestamp>().ok()).map(Time);
+                st.progress = Some("export complete".into());
+                st.poll_attempts = 0;
+                st.phase = Phase::Transferring;
+                st.message = Some(format!("transferring {} files", m.output.len()));
+                mem.manifest = Some(std::sync::Arc::new(*m));
+                Ok(Next::Continue)
+            }
+            Err(e) => {
+                let a = Attempt {
+                    what: "polling the export's status",
+                    peer: Peer::Source,
+                    reason: Reason::ExportFailed,
+                    first_contact: false,
+                };
+                self.on_error(st, mem, a, &e)
+            }
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! THE failure policy of a run: every error is classified once, here, and each class has one bounded
+//! answer. Nothing else in fhirsync decides whether to retry a peer.
+//!
+//! | class        | what                                                     | answer                                   |
+//! |--------------|----------------------------------------------------------|------------------------------------------|
+//! | Busy         | 429, Pathling's import lock (503), an export cap          | wait (Retry-After, growing), bounded by runTimeout |
+//! | Transient    | 5xx, 408, OperationOutcome `transient`, broken connection | retry, at most [`MAX_STREAK`] in a row    |
+//! | Unreachable  | cannot connect / host does not resolve                    | first contact: fail at once with a hint; later: like Transient |
+//! | Auth         | 401, 403, a credential that cannot be produced            | fail (`AuthFailed`)                      |
+//! | Permanent    | any other answer, a protocol violation, an over-large body | fail with the phase's reason            |
+//! | Invalid      | the configuration cannot work                             | fail (`InvalidSpec`)                     |
+
+use std::time::Duration;
+
+use crate::fhir::client::Error as HttpError;
+use crate::fhir::retry::backoff;
+
+/// Machine-readable reasons used in conditions and events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    InvalidSpec,
+    AuthFailed,
+    SourceUnreachable,
+    TargetUnreachable,
+    ExportFailed,
+    TransferFailed,
+    ImportFailed,
+    RunTimeout,
+    Cancelled,
+    PartialExport,
+}
+
+impl Reason {
+    /// CamelCase reason string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::InvalidSpec => "InvalidSpec",
+            Reason::AuthFailed => "AuthFailed",
+            Reason::SourceUnreachable => "SourceUnreachable",
+            Reason::TargetUnreachable => "TargetUnreachable",
+            Reason::ExportFailed => "ExportFailed",
+            Reason::TransferFailed => "TransferFailed",
+            Reason::ImportFailed => "ImportFailed",
+            Reason::RunTimeout => "RunTimeout",
+            Reason::Cancelled => "Cancelled",
+            Reason::PartialExport => "PartialExport",
+        }
+    }
+}
+
+/// A run failure: a reason and a message that says what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    pub reason: Reason,
+    pub message: String,
+}
+
+impl Failure {
+    /// Builds a failure.
+    pub fn new(reason: Reason, message: impl Into<String>) -> Self {
+        Self { reason, message: message.into() }
+    }
+}
+
+/// How an error is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    Busy,
+    Transient,
+    Unreachable,
+    Auth,
+    Permanent,
+    Invalid,
+}
+
+/// Classifies an error. The one place that reads status codes and error kinds for retry decisions.
+pub fn classify(e: &HttpError) -> Class {
+    match e {
+        HttpError::Transport { connect: true, .. } => Class::Unreachable,
+        HttpError::Transport { .. } | HttpError::Timeout { .. } => Class::Transient,
+        HttpError::Status { busy: true, .. } => Class::Busy,
+        HttpError::Status { status: 401 | 403, .. } => Class::Auth,
+        HttpError::Status { transient: true, .. } => Class::Transient,
+        HttpError::Status { .. } => Class::Permanent,
+        HttpError::Auth(crate::auth::AuthError::TokenEndpoint { .. }) | HttpError::Auth(_) => Class::Auth,
+        HttpError::Protocol { .. } | HttpError::TooLarge { .. } | HttpError::Refused { .. } => Class::Permanent,
+        HttpError::Config(_) => Class::Invalid,
+    }
+}
+
+/// Most consecutive transient failures before a run fails (the README promises this number).
+pub const MAX_STREAK: u32 = 8;
+/// First wait after a transient failure; doubles up to [`ERROR_MAX`].
+pub const ERROR_BASE: Duration = Duration::from_secs(2);
+/// Longest wait after a transient failure: eight in a row take about four minutes.
+pub const ERROR_MAX: Duration = Duration::from_secs(60);
+/// Longest wait while a peer says it is busy.
+pub const BUSY_MAX: Duration = Duration::from_secs(300);
+
+/// Which peer an attempt talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Source,
+    Target,
+}
+
+impl Peer {
+    fn unreachable(self) -> Reason {
+        match self {
+            Peer::Source => Reason::SourceUnreachable,
+            Peer::Target => Reason::TargetUnreachable,
+        }
+    }
+    fn field(self) -> &'static str {
+        match self {
+            Peer::Source => "spec.source.url",
+            Peer::Target => "spec.target.url",
+        }
+    }
+}
+
+/// One attempt that failed: what it was, toward whom, and which reason a permanent failure gets.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt<'a> {
+    pub what: &'a str,
+    pub peer: Peer,
+    pub reason: Reason,
+    /// No answer has ever come from this peer in this run: a connect failure is a wrong URL.
+    pub first_contact: bool,
+}
+
+/// Consecutive failures of a run in this process (a restart starts afresh: the bound is per process
+/// life, and a restarted run waits at least as long as the first failures took).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Streaks {
+    pub transient: u32,
+    pub busy: u32,
+}
+
+impl Streaks {
+    /// A request succeeded: the streaks end.
+    pub fn ok(&mut self) {
+        *self = Streaks::default();
+    }
+}
+
+/// What to do about a failed attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Try again after this wait; the message says so.
+    Retry { wait: Duration, message: String },
+    /// The run fails.
+    Fail(Failure),
+}
+
+/// Decides about one failed attempt: the policy table above, as code.
+pub fn decide(a: Attempt<'_>, e: &HttpError, streaks: &mut Streaks) -> Decision {
+    let class = classify(e);
+    match class {
+        Class::Unreachable if a.first_contact => {
+            let hint = e.first_contact_hint().unwrap_or("check the URL");
+            Decision::Fail(Failure::new(
+                a.peer.unreachable(),
+                format!("{}: {e} — this was the first request to {}: {hint}", a.what, a.peer.field()),
+            ))
+        }
+        Class::Transient | Class::Unreachable => {
+            if streaks.transient >= MAX_STREAK {
+                let reason = if class == Class::Unreachable { a.peer.unreachable() } else { a.reason };
+                return Decision::Fail(Failure::new(
+                    reason,
+                    format!("{}: {e} ({MAX_STREAK} failures in a row; the next run tries again)", a.what),
+                ));
+            }
+            streaks.transient += 1;
+            let wait = backoff(streaks.transient - 1, ERROR_BASE, ERROR_MAX).max(e.retry_after().unwrap_or_default());
+            Decision::Retry {
+                wait,
+                message: format!("{}: {e}; retry {}/{MAX_STREAK} in {}", a.what, streaks.transient, show(wait)),
+            }
+        }
+        Class::Busy => {
+            streaks.busy = streaks.busy.saturating_add(1);
+            // a peer that is busy forever costs a bounded number of requests: the wait grows
+            let wait = backoff(streaks.busy - 1, Duration::from_secs(1), BUSY_MAX)
+                .max(e.retry_after().unwrap_or_default())
+                .min(BUSY_MAX);
+            Decision::Retry {
+                wait,
+                message: format!("{}: the server is busy ({e}); trying again in {}", a.what, show(wait)),
+            }
+        }
+        Class::Auth => {
+            let hint = match e.status() {
+                Some(401) => {
+                    " — the server rejected the credentials: check the auth block and the Secret it references"
+                }
+                Some(403) => " — the credentials lack permission: grant the client the needed scope or role",
+                _ => "",
+            };
+            Decision::Fail(Failure::new(Reason::AuthFailed, format!("{}: {e}{hint}", a.what)))
+        }
+        Class::Permanent => Decision::Fail(Failure::new(a.reason, format!("{}: {e}", a.what))),
+        Class::Invalid => Decision::Fail(Failure::new(Reason::InvalidSpec, format!("{}: {e}", a.what))),
+    }
+}
+
+/// The wait before the next poll of an asynchronous job. The server's `Retry-After` (or, without
+/// one, exponential backoff from 1 s) is honoured, but never below 1/50 of the time already spent
+/// waiting — so a job that never ends costs a number of polls that grows with the log of its
+/// duration, whatever the server says — and never above the user's `maxPollInterval`.
+pub fn poll_wait(server: Option<Duration>, attempts: u32, waited: Duration, max: Duration) -> Duration {
+    let base = server.unwrap_or_else(|| backoff(attempts, Duration::from_secs(1), Duration::from_secs(60)));
+    base.max(waited / 50).clamp(Duration::from_secs(1), max.max(Duration::from_secs(1)))
+}
+
+fn show(d: Duration) -> String {
+    crate::api::units::show(Duration::from_millis(d.as_millis() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(status: u16, transient: bool, busy: bool, retry: Option<u64>) -> HttpError {
+        HttpError::Status {
+            method: "GET".into(),
+            url: "http://s/x".into(),
+            status,
+            message: "m".into(),
+            retry_after: retry.map(Duration::from_secs),
+            transient,
+            busy,
+        }
+    }
+
+    #[test]
+    fn classes() {
+        let refused = HttpError::Transport { url: "u".into(), message: "Connection refused".into(), connect: true };
+        let table: Vec<(HttpError, Class)> = vec![
+            (refused, Class::Unreachable),
+            (HttpError::Transport { url: "u".into(), message: "reset".into(), connect: false }, Class::Transient),
+            (HttpError::Timeout { url: "u".into(), secs: 1 }, Class::Transient),
+            (status(429, false, true, None), Class::Busy),
+            (status(503, true, true, None), Class::Busy),
+            (status(500, true, false, None), Class::Transient),
+            (status(401, false, false, None), Class::Auth),
+            (status(404, false, false, None), Class::Permanent),
+            (status(400, false, false, None), Class::Permanent),
+            (HttpError::Protocol { url: "u".into(), message: "html".into() }, Class::Permanent),
+            (HttpError::Config("x".into()), Class::Invalid),
+        ];
+        for (e, want) in table {
+            assert_eq!(classify(&e), want, "{e}");
+        }
+    }
+
+    #[test]
+    fn transient_failures_are_bounded_and_a_first_refusal_fails_at_once() {
+        let a =
+            Attempt { what: "export kick-off", peer: Peer::Source, reason: Reason::ExportFailed, first_contact: false };
+        let mut s = Streaks::default();
+        let e = status(500, true, false, None);
+        for n in 1..=MAX_STREAK {
+            match decide(a, &e, &mut s) {
+                Decision::Retry { message, .. } => {
+                    assert!(message.contains(&format!("retry {n}/{MAX_STREAK}")), "{message}")
+                }
+                d => panic!("attempt {n}: {d:?}"),
+            }
+        }
+        match decide(a, &e, &mut s) {
+            Decision::Fail(f) => assert_eq!(f.reason, Reason::ExportFailed),
+            d => panic!("{d:?}"),
+        }
+        let refused =
+            HttpError::Transport { url: "http://h:1/".into(), message: "connection refused".into(), connect: true };
+        let first = Attempt { first_contact: true, peer: Peer::Target, ..a };
+        match decide(first, &refused, &mut Streaks::default()) {
+            Decision::Fail(f) => {
+                assert_eq!(f.reason, Reason::TargetUnreachable);
+                assert!(f.message.contains("spec.target.url") && f.message.contains("host and port"), "{}", f.message);
+            }
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn busy_waits_grow_and_honour_retry_after() {
+        let a = Attempt { what: "x", peer: Peer::Target, reason: Reason::ImportFailed, first_contact: false };
+        let mut s = Streaks::default();
+        let waits: Vec<Duration> = (0..12)
+            .map(|_| match decide(a, &status(503, true, true, None), &mut s) {
+                Decision::Retry { wait, .. } => wait,
+                d => panic!("{d:?}"),
+            })
+            .collect();
+        assert_eq!(waits[0], Duration::from_secs(1));
+        assert_eq!(waits[11], BUSY_MAX);
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]));
+        let mut s = Streaks::default();
+        match decide(a, &status(429, false, true, Some(30)), &mut s) {
+            Decision::Retry { wait, .. } => assert_eq!(wait, Duration::from_secs(30)),
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn polls_are_paced() {
+        let max = Duration::from_secs(300);
+        let s = Duration::from_secs;
+        // Retry-After honoured, clamped to the user's maximum
+        assert_eq!(poll_wait(Some(s(120)), 0, s(0), max), s(120));
+        assert_eq!(poll_wait(Some(s(120)), 0, s(0), s(5)), s(5));
+        // no Retry-After: exponential from 1 s
+        assert_eq!(poll_wait(None, 3, s(0), max), s(8));
+        // a server saying "1 s" forever is polled less often as the wait grows
+        assert_eq!(poll_wait(Some(s(1)), 0, s(3000), max), s(60));
+        assert_eq!(poll_wait(Some(s(0)), 0, s(0), max), s(1));
+    }
+}
