@@ -128,16 +128,26 @@ pub enum BodyError {
 }
 
 /// Reads a whole response body of at most `limit` bytes; a bigger one is refused without keeping it.
+/// The buffer grows by doubling but never past `limit`, so the peak is the body, not twice the cap.
 pub async fn read_capped(mut resp: reqwest::Response, limit: usize) -> Result<bytes::Bytes, BodyError> {
     if resp.content_length().is_some_and(|n| n > limit as u64) {
         return Err(BodyError::TooLarge(limit));
     }
-    let mut out = bytes::BytesMut::new();
+    let mut out: Vec<u8> = Vec::with_capacity(resp.content_length().map(|n| n as usize).unwrap_or(8 * 1024).min(limit));
     loop {
         match resp.chunk().await {
-            Ok(Some(chunk)) if out.len() + chunk.len() > limit => return Err(BodyError::TooLarge(limit)),
-            Ok(Some(chunk)) => out.extend_from_slice(&chunk),
-            Ok(None) => return Ok(out.freeze()),
+            Ok(Some(chunk)) => {
+                let need = out.len() + chunk.len();
+                if need > limit {
+                    return Err(BodyError::TooLarge(limit));
+                }
+                if need > out.capacity() {
+                    let target = need.max(out.capacity().saturating_mul(2)).min(limit);
+                    out.reserve_exact(target - out.len());
+                }
+                out.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(out.into()),
             Err(e) => return Err(BodyError::Broken(e.without_url().to_string())),
         }
     }

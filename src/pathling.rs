@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use reqwest::header::{ACCEPT, CONTENT_LOCATION, CONTENT_TYPE, HeaderName};
 use reqwest::{Method, StatusCode};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use url::Url;
 
@@ -77,19 +78,20 @@ impl PathlingClient {
         &self.http
     }
 
-    /// The `$import` Parameters body (valueCode / valueUrl exactly, saveMode explicit).
-    pub fn import_body(inputs: &[ImportInput], save_mode: &str) -> Value {
-        let mut params = vec![
-            json!({"name": "inputFormat", "valueCode": "application/fhir+ndjson"}),
-            json!({"name": "saveMode", "valueCode": save_mode}),
-        ];
-        for i in inputs {
-            params.push(json!({"name": "input", "part": [
-                {"name": "resourceType", "valueCode": i.resource_type},
-                {"name": "url", "valueUrl": i.url}
-            ]}));
-        }
-        json!({"resourceType": "Parameters", "parameter": params})
+    /// The `$import` Parameters body (valueCode / valueUrl exactly, saveMode explicit), serialised
+    /// straight from typed parts (a JSON tree would cost kilobytes per file).
+    pub fn import_body(inputs: &[ImportInput], save_mode: &str) -> Vec<u8> {
+        let mut parameter =
+            vec![Param::code("inputFormat", "application/fhir+ndjson"), Param::code("saveMode", save_mode)];
+        parameter.extend(inputs.iter().map(|i| Param {
+            name: "input",
+            part: vec![
+                Param::code("resourceType", &i.resource_type),
+                Param { value_url: Some(&i.url), ..Param::new("url") },
+            ],
+            ..Param::new("input")
+        }));
+        serde_json::to_vec(&Parameters { resource_type: "Parameters", parameter }).unwrap_or_default()
     }
 
     /// The `$import-pnp` Parameters body.
@@ -121,16 +123,16 @@ impl PathlingClient {
 
     /// Submits `$import-pnp`; returns the `$job` URL.
     pub async fn import_pnp(&self, req: &PnpRequest) -> Result<String, Error> {
-        self.submit("$import-pnp", Self::pnp_body(req)).await
+        self.submit("$import-pnp", serde_json::to_vec(&Self::pnp_body(req)).unwrap_or_default()).await
     }
 
-    async fn submit(&self, op: &str, body: Value) -> Result<String, Error> {
+    async fn submit(&self, op: &str, body: Vec<u8>) -> Result<String, Error> {
         let url = self.http.url(op);
         let r = prefer_async(
             Request::new(Method::POST, url.clone())
                 .header(ACCEPT, "application/fhir+json")
                 .header(CONTENT_TYPE, "application/fhir+json")
-                .body(serde_json::to_vec(&body).unwrap_or_default()),
+                .body(body),
         );
         let resp = self.http.send(r).await?;
         if resp.status() == StatusCode::ACCEPTED {
@@ -206,16 +208,75 @@ fn busy_if_503(e: Error) -> Error {
     if e.status() == Some(503) { e.into_busy() } else { e }
 }
 
+/// A Parameters resource, written from typed parts.
+#[derive(Serialize)]
+struct Parameters<'a> {
+    #[serde(rename = "resourceType")]
+    resource_type: &'static str,
+    parameter: Vec<Param<'a>>,
+}
+
+#[derive(Serialize)]
+struct Param<'a> {
+    name: &'static str,
+    #[serde(rename = "valueCode", skip_serializing_if = "Option::is_none")]
+    value_code: Option<&'a str>,
+    #[serde(rename = "valueUrl", skip_serializing_if = "Option::is_none")]
+    value_url: Option<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    part: Vec<Param<'a>>,
+}
+
+impl<'a> Param<'a> {
+    fn new(name: &'static str) -> Self {
+        Self { name, value_code: None, value_url: None, part: vec![] }
+    }
+    fn code(name: &'static str, v: &'a str) -> Self {
+        Self { value_code: Some(v), ..Self::new(name) }
+    }
+}
+
+/// The parts of an import result fhirsync reads (typed: a JSON tree would cost kilobytes per file).
+#[derive(Deserialize)]
+struct ResultBody {
+    #[serde(rename = "resourceType", default)]
+    resource_type: Option<String>,
+    #[serde(default)]
+    parameter: Vec<ResultParam>,
+}
+
+#[derive(Deserialize)]
+struct ResultParam {
+    #[serde(default)]
+    name: String,
+    #[serde(rename = "valueString", default)]
+    value_string: Option<String>,
+    #[serde(rename = "valueInstant", default)]
+    value_instant: Option<String>,
+    #[serde(default)]
+    part: Vec<ResultPart>,
+}
+
+#[derive(Deserialize)]
+struct ResultPart {
+    #[serde(default)]
+    name: String,
+    #[serde(rename = "valueUrl", default)]
+    value_url: Option<String>,
+    #[serde(rename = "valueUri", default)]
+    value_uri: Option<String>,
+}
+
 /// Validates a finished import's body: Pathling's result Parameters, not an OperationOutcome and not
 /// whatever a proxy put there.
 pub fn import_result(body: &[u8], content_type: Option<&str>) -> Result<ImportResult, String> {
-    let v: Value = serde_json::from_slice(body).map_err(|_| {
+    let v: ResultBody = serde_json::from_slice(body).map_err(|_| {
         format!(
             "the import job answered 200 with {} instead of its result; is target.url Pathling's FHIR base?",
             describe_text_body(body, content_type)
         )
     })?;
-    match v["resourceType"].as_str() {
+    match v.resource_type.as_deref() {
         Some("Parameters") => {}
         Some("OperationOutcome") => {
             let oo = OperationOutcome::parse(body).unwrap_or_default();
@@ -228,22 +289,13 @@ pub fn import_result(body: &[u8], content_type: Option<&str>) -> Result<ImportRe
             ));
         }
     }
-    let params = v["parameter"].as_array().cloned().unwrap_or_default();
     let mut r = ImportResult::default();
-    for p in &params {
-        match p["name"].as_str() {
-            Some("transactionTime") => {
-                r.transaction_time = p["valueString"].as_str().or(p["valueInstant"].as_str()).map(|s| peer_text(s, 64))
-            }
-            Some("output") => {
-                for part in p["part"].as_array().into_iter().flatten() {
-                    if part["name"] == "inputUrl"
-                        && let Some(u) = part["valueUrl"].as_str().or(part["valueUri"].as_str())
-                    {
-                        r.input_urls.push(u.to_string());
-                    }
-                }
-            }
+    for p in v.parameter {
+        match p.name.as_str() {
+            "transactionTime" => r.transaction_time = p.value_string.or(p.value_instant).map(|s| peer_text(&s, 64)),
+            "output" => r.input_urls.extend(
+                p.part.into_iter().filter(|x| x.name == "inputUrl").filter_map(|x| x.value_url.or(x.value_uri)),
+            ),
             _ => {}
         }
     }
@@ -261,10 +313,11 @@ mod tests {
 
     #[test]
     fn import_body_uses_value_code_and_url() {
-        let b = PathlingClient::import_body(
+        let b: Value = serde_json::from_slice(&PathlingClient::import_body(
             &[ImportInput { resource_type: "Patient".into(), url: "file:///s/Patient.0000.ndjson".into() }],
             "merge",
-        );
+        ))
+        .unwrap();
         assert_eq!(b["resourceType"], "Parameters");
         assert_eq!(b["parameter"][1]["valueCode"], "merge");
         assert_eq!(b["parameter"][2]["part"][0]["valueCode"], "Patient");

@@ -2,68 +2,10 @@
 
 mod support;
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
-use support::pathling::{FakePathling, PathlingConfig};
-use support::source::{FakeSource, SourceConfig, resources};
-
-struct Cli {
-    source: FakeSource,
-    pathling: FakePathling,
-    dir: tempfile::TempDir,
-}
-
-impl Cli {
-    async fn new(cfg: SourceConfig) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let pcfg = PathlingConfig {
-            roots: vec![("file:///staging".into(), dir.path().join("staging"))],
-            ..Default::default()
-        };
-        Self { source: FakeSource::start(cfg).await, pathling: FakePathling::start(pcfg).await, dir }
-    }
-
-    fn write_sync(&self, extra_source: &str, extra_spec: &str) -> std::path::PathBuf {
-        let yaml = format!(
-            "apiVersion: fhirsync.io/v1alpha1\nkind: BulkExportSync\nmetadata: {{name: demo, namespace: cli}}\nspec:\n  \
-             source: {{url: \"{}\"{extra_source}}}\n  target: {{url: \"{}\"}}\n  \
-             staging: {{volume: {{path: \"{}\", pathlingPath: \"file:///staging\"}}}}\n{extra_spec}",
-            self.source.base,
-            self.pathling.base,
-            self.dir.path().join("staging").display()
-        );
-        let p = self.dir.path().join("sync.yaml");
-        std::fs::write(&p, yaml).unwrap();
-        p
-    }
-
-    fn state(&self) -> std::path::PathBuf {
-        self.dir.path().join("state.json")
-    }
-
-    /// Runs the binary off the async runtime (the doubles keep serving meanwhile).
-    async fn run(&self, args: Vec<String>) -> Output {
-        tokio::task::spawn_blocking(move || {
-            Command::new(env!("CARGO_BIN_EXE_fhirsync")).args(&args).stdin(Stdio::null()).output().unwrap()
-        })
-        .await
-        .unwrap()
-    }
-}
-
-fn data() -> SourceConfig {
-    SourceConfig {
-        files: vec![
-            ("Patient".into(), resources("Patient", "p", 24)),
-            ("Observation".into(), resources("Observation", "o", 300)),
-        ],
-        ..Default::default()
-    }
-}
-
-fn s(x: &std::path::Path) -> String {
-    x.display().to_string()
-}
+use support::cli::{Cli, data, s};
+use support::source::SourceConfig;
 
 #[tokio::test]
 async fn sync_once_imports_prints_a_summary_and_goes_incremental_with_state() {

@@ -228,6 +228,7 @@ impl BulkClient {
         if status == StatusCode::OK {
             let body = read_capped(resp, MANIFEST_MAX, "the export manifest").await?;
             let manifest = Manifest::parse(&body).map_err(|message| Error::Protocol { url: redact(&url), message })?;
+            drop(body);
             return Ok(Poll::Complete(Box::new(manifest)));
         }
         Err(Error::from_response(&Method::GET, resp).await)

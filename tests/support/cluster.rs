@@ -98,7 +98,7 @@ impl Operator {
         let port = free_port();
         let log = std::env::temp_dir().join(format!("fhirsync-e2e-{namespace}-{port}.log"));
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_fhirsync"))
+        let child = Command::new(super::fhirsync_bin())
             .args(["run", "--namespace", namespace, "--admin-addr", &format!("127.0.0.1:{port}")])
             .args(["--staging-root", &staging_root.display().to_string(), "--log-level", "info,fhirsync=debug"])
             .args(extra)

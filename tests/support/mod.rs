@@ -1,6 +1,7 @@
 //! Protocol doubles shared by the test suites.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod cluster;
 pub mod engine;
 pub mod fhir_server;
@@ -10,3 +11,13 @@ pub mod smart;
 pub mod source;
 pub mod tls;
 pub mod world;
+
+/// The `fhirsync` binary: Cargo's for integration tests; beside the running example otherwise
+/// (`target/<profile>/examples/x` → `target/<profile>/fhirsync`).
+pub fn fhirsync_bin() -> std::path::PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_fhirsync") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent().and_then(|d| d.parent()).expect("target dir").join("fhirsync")
+}

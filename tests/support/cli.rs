@@ -1,0 +1,95 @@
+//! Running the `fhirsync` binary against the in-process doubles, as a user runs sync-once.
+
+use std::process::{Command, Output, Stdio};
+
+use super::pathling::{FakePathling, PathlingConfig};
+use super::source::{FakeSource, SourceConfig, resources};
+
+pub struct Cli {
+    pub source: FakeSource,
+    pub pathling: FakePathling,
+    pub dir: tempfile::TempDir,
+}
+
+impl Cli {
+    pub async fn new(cfg: SourceConfig) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pcfg = PathlingConfig {
+            roots: vec![("file:///staging".into(), dir.path().join("staging"))],
+            ..Default::default()
+        };
+        Self { source: FakeSource::start(cfg).await, pathling: FakePathling::start(pcfg).await, dir }
+    }
+
+    pub fn write_sync(&self, extra_source: &str, extra_spec: &str) -> std::path::PathBuf {
+        let yaml = format!(
+            "apiVersion: fhirsync.io/v1alpha1\nkind: BulkExportSync\nmetadata: {{name: demo, namespace: cli}}\nspec:\n  \
+             source: {{url: \"{}\"{extra_source}}}\n  target: {{url: \"{}\"}}\n  \
+             staging: {{volume: {{path: \"{}\", pathlingPath: \"file:///staging\"}}}}\n{extra_spec}",
+            self.source.base,
+            self.pathling.base,
+            self.dir.path().join("staging").display()
+        );
+        let p = self.dir.path().join("sync.yaml");
+        std::fs::write(&p, yaml).unwrap();
+        p
+    }
+
+    pub fn state(&self) -> std::path::PathBuf {
+        self.dir.path().join("state.json")
+    }
+
+    /// Runs the binary off the async runtime (the doubles keep serving meanwhile).
+    pub async fn run(&self, args: Vec<String>) -> Output {
+        tokio::task::spawn_blocking(move || {
+            Command::new(super::fhirsync_bin()).args(&args).stdin(Stdio::null()).output().unwrap()
+        })
+        .await
+        .unwrap()
+    }
+}
+
+pub fn data() -> SourceConfig {
+    SourceConfig {
+        files: vec![
+            ("Patient".into(), resources("Patient", "p", 24)),
+            ("Observation".into(), resources("Observation", "o", 300)),
+        ],
+        ..Default::default()
+    }
+}
+
+pub fn s(x: &std::path::Path) -> String {
+    x.display().to_string()
+}
+
+/// Runs the binary to its end with stdout and stderr in files; returns its output and peak RSS (KiB).
+pub async fn run_measured(args: Vec<String>) -> (Output, u64) {
+    tokio::task::spawn_blocking(move || {
+        let dir = tempfile::tempdir().unwrap();
+        let (o, e) = (dir.path().join("out"), dir.path().join("err"));
+        // reaped by wait4 below, which also reports the child's peak RSS
+        #[allow(clippy::zombie_processes)]
+        let child = Command::new(super::fhirsync_bin())
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&o).unwrap())
+            .stderr(std::fs::File::create(&e).unwrap())
+            .spawn()
+            .unwrap();
+        let mut status = 0;
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: wait4 on our own child's pid with valid pointers
+        let r = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+        assert!(r > 0, "wait4 failed");
+        use std::os::unix::process::ExitStatusExt;
+        let out = Output {
+            status: std::process::ExitStatus::from_raw(status),
+            stdout: std::fs::read(&o).unwrap(),
+            stderr: std::fs::read(&e).unwrap(),
+        };
+        (out, usage.ru_maxrss as u64)
+    })
+    .await
+    .unwrap()
+}
