@@ -13,11 +13,12 @@ pub struct Cli {
 
 impl Cli {
     pub async fn new(cfg: SourceConfig) -> Self {
+        Self::with(cfg, PathlingConfig::default()).await
+    }
+
+    pub async fn with(cfg: SourceConfig, mut pcfg: PathlingConfig) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let pcfg = PathlingConfig {
-            roots: vec![("file:///staging".into(), dir.path().join("staging"))],
-            ..Default::default()
-        };
+        pcfg.roots.push(("file:///staging".into(), dir.path().join("staging")));
         Self { source: FakeSource::start(cfg).await, pathling: FakePathling::start(pcfg).await, dir }
     }
 
