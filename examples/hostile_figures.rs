@@ -35,7 +35,9 @@ async fn run(c: &Cli, extra: &str) -> (serde_json::Value, f64, f64) {
 
 fn outcome(v: &serde_json::Value) -> String {
     match v["phase"].as_str() {
-        Some("Succeeded") => format!("Succeeded, {} resources, {} export errors", v["totalResources"], v["exportErrors"]),
+        Some("Succeeded") => {
+            format!("Succeeded, {} resources, {} export errors", v["totalResources"], v["exportErrors"])
+        }
         Some(p) => format!("{p} ({})", v["reason"].as_str().unwrap_or("")),
         None => "no summary".into(),
     }
@@ -45,24 +47,45 @@ fn outcome(v: &serde_json::Value) -> String {
 async fn main() {
     let mut rows = vec![];
     let two = || SourceConfig {
-        files: vec![("Patient".into(), resources("Patient", "p", 24)), ("Observation".into(), resources("Observation", "o", 300))],
+        files: vec![
+            ("Patient".into(), resources("Patient", "p", 24)),
+            ("Observation".into(), resources("Observation", "o", 300)),
+        ],
         ..Default::default()
     };
 
     let c = Cli::new(two()).await;
     let (v, secs, rss) = run(&c, "").await;
     let baseline = rss;
-    rows.push(Row { scenario: "baseline: 2 files, 324 resources", outcome: outcome(&v), secs, rss_mib: rss, requests: String::new() });
+    rows.push(Row {
+        scenario: "baseline: 2 files, 324 resources",
+        outcome: outcome(&v),
+        secs,
+        rss_mib: rss,
+        requests: String::new(),
+    });
 
     let files: Vec<(String, Vec<String>)> =
         (0..20_000).map(|i| ("Patient".into(), resources("Patient", &format!("p{i}-"), 2))).collect();
     let c = Cli::new(SourceConfig { files, ..Default::default() }).await;
     let (v, secs, rss) = run(&c, "  maxParallelDownloads: 16\n").await;
-    rows.push(Row { scenario: "20,000 output files", outcome: outcome(&v), secs, rss_mib: rss, requests: format!("{} downloads", c.source.log().downloads.len()) });
+    rows.push(Row {
+        scenario: "20,000 output files",
+        outcome: outcome(&v),
+        secs,
+        rss_mib: rss,
+        requests: format!("{} downloads", c.source.log().downloads.len()),
+    });
 
     let c = Cli::new(SourceConfig { errors: vec![vec![]], huge_error_line: Some(1 << 30), ..two() }).await;
     let (v, secs, rss) = run(&c, "").await;
-    rows.push(Row { scenario: "one error[] line of 1 GiB", outcome: outcome(&v), secs, rss_mib: rss, requests: String::new() });
+    rows.push(Row {
+        scenario: "one error[] line of 1 GiB",
+        outcome: outcome(&v),
+        secs,
+        rss_mib: rss,
+        requests: String::new(),
+    });
 
     let c = Cli::new(SourceConfig { endless_manifest: Some(1 << 30), ..two() }).await;
     let (v, secs, rss) = run(&c, "").await;
@@ -81,7 +104,13 @@ async fn main() {
 
     let c = Cli::new(SourceConfig { trickle_files: Some(Duration::from_secs(10)), ..two() }).await;
     let (v, secs, rss) = run(&c, "  runTimeout: 20s\n").await;
-    rows.push(Row { scenario: "runTimeout 20s, files trickled 1 byte / 10 s", outcome: outcome(&v), secs, rss_mib: rss, requests: String::new() });
+    rows.push(Row {
+        scenario: "runTimeout 20s, files trickled 1 byte / 10 s",
+        outcome: outcome(&v),
+        secs,
+        rss_mib: rss,
+        requests: String::new(),
+    });
 
     println!("| scenario | outcome | wall time | peak RSS | vs baseline RSS | requests |");
     println!("|---|---|---|---|---|---|");

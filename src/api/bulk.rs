@@ -230,12 +230,11 @@ fn default_max_run() -> String {
 /// CEL rule shared by the sync and the run template: incremental runs need saveMode merge.
 pub const MERGE_RULE: &str = "!self.incremental || self.target.saveMode == 'merge'";
 /// Message of [`MERGE_RULE`].
-pub const MERGE_MSG: &str =
-    "spec.target.saveMode: incremental runs allow merge only (set incremental: false for other modes)";
+pub const MERGE_MSG: &str = "incremental runs allow merge only (set incremental: false for other modes)";
 /// CEL rule: what pingAndPull needs.
 pub const PNP_RULE: &str = "!has(self.staging.pingAndPull) || (self.export.level == 'System' && !self.target.applyDeletes && !has(self.source.auth))";
 /// Message of [`PNP_RULE`].
-pub const PNP_MSG: &str = "spec.staging.pingAndPull needs export.level System, target.applyDeletes false and no source.auth (Pathling uses its own credential)";
+pub const PNP_MSG: &str = "pingAndPull needs export.level System, target.applyDeletes false and no source.auth (Pathling uses its own credential)";
 
 /// A scheduled, incremental bulk export from a FHIR server into Pathling.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]

@@ -1,5 +1,6 @@
 //! Custom resource types (kube derive) and condition helpers. No I/O.
 
+pub mod admission;
 pub mod bulk;
 pub mod common;
 pub mod conditions;

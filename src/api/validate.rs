@@ -1,11 +1,12 @@
-//! Spec checks beyond the CRD's schema: ranges of durations and quantities (which CEL cannot bound
-//! exactly), plus rules mirrored for `sync-once`, which has no API server. Messages name the field
-//! and say how to fix it. The parsed values feed the engine, so a value is read one way everywhere.
+//! Spec checks beyond the CRD's schema and CEL rules (which `api::admission` evaluates for
+//! `sync-once`, and the API server for the operator): the ranges of durations and quantities, which
+//! CEL cannot bound exactly. Messages name the field and say how to fix it. The parsed values feed
+//! the engine, so a value is read one way everywhere.
 
 use std::time::Duration;
 
 use super::units::{MAX_DURATION, bounded, parse_quantity};
-use super::{BulkExportSyncSpec, ExportLevel, FhirServer, FhirSubscriptionSyncSpec, Limits, RunTemplate, SaveMode};
+use super::{BulkExportSyncSpec, FhirServer, FhirSubscriptionSyncSpec, Limits, RunTemplate};
 
 const MS: Duration = Duration::from_millis(1);
 const SEC: Duration = Duration::from_secs(1);
@@ -69,63 +70,9 @@ fn limits(l: &Limits, errs: &mut Vec<String>) -> (u64, u64) {
     (q("maxFileSize", &l.max_file_size), q("maxRunSize", &l.max_run_size))
 }
 
-fn server_rules(s: &FhirServer, what: &str, errs: &mut Vec<String>) {
-    if url::Url::parse(&s.url).map(|u| !matches!(u.scheme(), "http" | "https") || !u.has_host()).unwrap_or(true) {
-        errs.push(format!("{what}.url {:.200?} must be an absolute http(s) URL", s.url));
-    }
-    if let Some(a) = &s.auth {
-        let n = [
-            a.bearer_token.is_some(),
-            a.basic.is_some(),
-            a.client_credentials.is_some(),
-            a.smart_backend_services.is_some(),
-        ]
-        .iter()
-        .filter(|x| **x)
-        .count();
-        if n > 1 {
-            errs.push(format!(
-                "{what}.auth: set at most one of bearerToken, basic, clientCredentials, smartBackendServices"
-            ));
-        }
-    }
-    if let Some(t) = &s.tls
-        && t.client_cert_ref.is_some() != t.client_key_ref.is_some()
-    {
-        errs.push(format!("{what}.tls: clientCertRef and clientKeyRef go together"));
-    }
-}
-
 /// Checks a run template and returns its parsed values; the errors joined with `; `.
 pub fn template_values(t: &RunTemplate) -> Result<TemplateValues, String> {
     let mut errs = vec![];
-    server_rules(&t.source, "spec.source", &mut errs);
-    server_rules(&t.target.server(), "spec.target", &mut errs);
-    match (t.export.level, &t.export.group_id) {
-        (ExportLevel::Group, None) => errs.push("spec.export.groupId is required when level is Group".into()),
-        (ExportLevel::System | ExportLevel::Patient, Some(_)) => {
-            errs.push("spec.export.groupId is only allowed when level is Group".into())
-        }
-        _ => {}
-    }
-    let st = &t.staging;
-    let n = [st.volume.is_some(), st.object_store.is_some(), st.ping_and_pull.is_some()].iter().filter(|x| **x).count();
-    if n != 1 {
-        errs.push("spec.staging: set exactly one of volume, objectStore, pingAndPull".into());
-    }
-    if let Some(v) = &st.volume
-        && !v.path.starts_with('/')
-    {
-        errs.push("spec.staging.volume.path: staging.volume.path must be an absolute path".into());
-    }
-    if st.ping_and_pull.is_some()
-        && (t.export.level != ExportLevel::System || t.target.apply_deletes || t.source.auth.is_some())
-    {
-        errs.push(super::PNP_MSG.into());
-    }
-    if !(1..=64).contains(&t.max_parallel_downloads) {
-        errs.push("spec.maxParallelDownloads must be between 1 and 64".into());
-    }
     let run_timeout = bounded("spec.runTimeout", &t.run_timeout, SEC, MAX_DURATION).unwrap_or_else(|e| {
         errs.push(e);
         DAY
@@ -153,9 +100,6 @@ pub struct SyncValues {
 pub fn validate_bulk_sync(spec: &BulkExportSyncSpec) -> Result<SyncValues, String> {
     let mut errs = vec![];
     let template = template_values(&RunTemplate::from(spec)).map_err(|e| errs.push(e)).ok();
-    if spec.incremental && spec.target.save_mode != SaveMode::Merge {
-        errs.push(super::MERGE_MSG.into());
-    }
     let since_overlap =
         bounded("spec.sinceOverlap", &spec.since_overlap, Duration::ZERO, 7 * DAY).map_err(|e| errs.push(e)).ok();
     match (template, since_overlap) {
@@ -167,7 +111,6 @@ pub fn validate_bulk_sync(spec: &BulkExportSyncSpec) -> Result<SyncValues, Strin
 /// Checks a FhirSubscriptionSync spec; returns its verify interval.
 pub fn validate_subscription_sync(spec: &FhirSubscriptionSyncSpec) -> Result<Duration, String> {
     let mut errs = vec![];
-    server_rules(&spec.source, "spec.source", &mut errs);
     if let Err(e) = server_timing(&spec.source, "spec.source") {
         errs.extend(e);
     }

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use kube::CustomResourceExt;
+
 use crate::api::validate::validate_bulk_sync;
 use crate::api::{BulkExportRunStatus, BulkExportSync, Phase, RunTemplate};
 use crate::run::resolve::is_object_name;
@@ -105,7 +107,8 @@ impl SecretSource for NoSecrets {
     }
 }
 
-/// Parses the first BulkExportSync document of a YAML file.
+/// Reads the first BulkExportSync document of a YAML file and admits it exactly as the API server
+/// would (unknown fields, schema, the CRD's CEL rules, defaults), in the API server's words.
 pub fn load_sync(path: &Path) -> Result<BulkExportSync, CliError> {
     let text =
         std::fs::read_to_string(path).map_err(|e| CliError::Read { path: path.display().to_string(), source: e })?;
@@ -113,9 +116,19 @@ pub fn load_sync(path: &Path) -> Result<BulkExportSync, CliError> {
     for doc in serde_yaml::Deserializer::from_str(&text) {
         let v = serde_yaml::Value::deserialize(doc)
             .map_err(|e| CliError::Parse { path: p.clone(), message: e.to_string() })?;
-        if v.get("kind").and_then(|k| k.as_str()) == Some("BulkExportSync") {
-            return serde_yaml::from_value(v).map_err(|e| CliError::Parse { path: p.clone(), message: e.to_string() });
+        if v.get("kind").and_then(|k| k.as_str()) != Some("BulkExportSync") {
+            continue;
         }
+        let json: serde_json::Value =
+            serde_json::to_value(&v).map_err(|e| CliError::Parse { path: p.clone(), message: e.to_string() })?;
+        if json.get("apiVersion").and_then(|a| a.as_str()) != Some("fhirsync.io/v1alpha1") {
+            return Err(CliError::Parse { path: p, message: "apiVersion must be fhirsync.io/v1alpha1".into() });
+        }
+        let admitted = crate::api::admission::admit(&BulkExportSync::crd(), &json).map_err(|errs| {
+            CliError::Invalid(format!("the API server would refuse it:\n  * {}", errs.join("\n  * ")))
+        })?;
+        return serde_json::from_value(admitted)
+            .map_err(|e| CliError::Parse { path: p.clone(), message: e.to_string() });
     }
     Err(CliError::Parse { path: p, message: "no document with kind: BulkExportSync".into() })
 }

@@ -65,31 +65,40 @@ pub fn s(x: &std::path::Path) -> String {
 }
 
 /// Runs the binary to its end with stdout and stderr in files; returns its output and peak RSS (KiB).
+///
+/// The peak is the child's own high-water mark (`VmHWM` of its address space after exec), sampled
+/// every 10 ms until it exits: `getrusage`/`wait4` would include this process's memory, which a
+/// vfork-spawned child shares until it execs.
 pub async fn run_measured(args: Vec<String>) -> (Output, u64) {
     tokio::task::spawn_blocking(move || {
         let dir = tempfile::tempdir().unwrap();
         let (o, e) = (dir.path().join("out"), dir.path().join("err"));
-        // reaped by wait4 below, which also reports the child's peak RSS
-        #[allow(clippy::zombie_processes)]
-        let child = Command::new(super::fhirsync_bin())
+        let mut child = Command::new(super::fhirsync_bin())
             .args(&args)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&o).unwrap())
             .stderr(std::fs::File::create(&e).unwrap())
             .spawn()
             .unwrap();
-        let mut status = 0;
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: wait4 on our own child's pid with valid pointers
-        let r = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
-        assert!(r > 0, "wait4 failed");
-        use std::os::unix::process::ExitStatusExt;
-        let out = Output {
-            status: std::process::ExitStatus::from_raw(status),
-            stdout: std::fs::read(&o).unwrap(),
-            stderr: std::fs::read(&e).unwrap(),
+        let status_file = format!("/proc/{}/status", child.id());
+        let mut peak = 0u64;
+        let status = loop {
+            if let Ok(text) = std::fs::read_to_string(&status_file)
+                && let Some(kib) = text
+                    .lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|n| n.parse::<u64>().ok())
+            {
+                peak = peak.max(kib);
+            }
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         };
-        (out, usage.ru_maxrss as u64)
+        let out = Output { status, stdout: std::fs::read(&o).unwrap(), stderr: std::fs::read(&e).unwrap() };
+        (out, peak)
     })
     .await
     .unwrap()

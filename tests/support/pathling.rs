@@ -115,6 +115,7 @@ impl FakePathling {
             .route("/fhir/$import-pnp", post(import_pnp))
             .route("/fhir/$job", get(job).delete(delete_job))
             .route("/fhir/{t}/{id}", put(put_resource).delete(delete_resource).get(get_resource))
+            .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(me.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.ok() });
         me
