@@ -136,10 +136,10 @@ fn type_name(v: &Value) -> &'static str {
 fn check(schema: &Value, v: &Value, path: &str, errs: &mut Vec<String>) {
     let at = if path.is_empty() { "<root>" } else { path };
     if v.is_null() {
-        if !schema.get("nullable").and_then(Value::as_bool).unwrap_or(false) {
-            if let Some(t) = schema.get("type").and_then(Value::as_str) {
-                errs.push(format!("{at}: Invalid value: null: {at} in body must be of type {t}: \"null\""));
-            }
+        if !schema.get("nullable").and_then(Value::as_bool).unwrap_or(false)
+            && let Some(t) = schema.get("type").and_then(Value::as_str)
+        {
+            errs.push(format!("{at}: Invalid value: null: {at} in body must be of type {t}: \"null\""));
         }
         return;
     }
