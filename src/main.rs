@@ -1,6 +1,6 @@
 use clap::{Parser, Subcommand};
 
-use fhirsync::cli::sync_once;
+use fhirsync::cli::{check, sync_once};
 use fhirsync::telemetry::{self, LogFormat};
 
 /// fhirsync: keeps a Pathling FHIR analytics server in sync with clinical FHIR servers.
@@ -26,6 +26,12 @@ enum Command {
         /// Key id (`kid`), the value of smartBackendServices.keyId.
         #[arg(long)]
         kid: String,
+    },
+    /// Checks, in seconds, that everything the BulkExportSync in FILE needs answers: the spec, the
+    /// source and its $export, credentials, Pathling and its $import, staging. Exit 0 only if all pass.
+    Check {
+        #[command(flatten)]
+        args: check::Args,
     },
     /// One run of the BulkExportSync in FILE, without a cluster.
     SyncOnce {
@@ -66,6 +72,10 @@ fn main() {
                 2
             }
         },
+        Command::Check { args } => {
+            telemetry::init(LogFormat::Text, "error");
+            runtime().block_on(check::run(args))
+        }
         Command::SyncOnce { args, log_format, log_level } => {
             telemetry::init(log_format, &log_level);
             runtime().block_on(sync_once::run(args))

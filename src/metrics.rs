@@ -44,6 +44,8 @@ pub struct SubscriptionLabels {
 /// All metrics of the operator.
 pub struct Metrics {
     pub registry: Registry,
+    /// Every sample name the operator exposes (`fhirsync_runs_total`, `…_bucket`, …).
+    pub samples: Vec<String>,
     pub reconciles: Family<KindLabels, Counter>,
     pub reconcile_failures: Family<FailureLabels, Counter>,
     pub runs: Family<ResultLabels, Counter>,
@@ -51,45 +53,73 @@ pub struct Metrics {
     pub resources_imported: Family<TypeLabels, Counter>,
     pub bytes_transferred: Counter,
     pub watermark_age: Family<SyncLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub last_success: Family<SyncLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub subscriptions: Family<SubscriptionLabels, Gauge>,
     pub status_conflicts: Counter,
 }
 
+/// Registers metrics and remembers the sample names each exposes (for the dashboard's test and docs).
+struct Registrar {
+    registry: Registry,
+    samples: Vec<String>,
+}
+
+impl Registrar {
+    fn add<M: prometheus_client::registry::Metric + Clone>(
+        &mut self,
+        name: &str,
+        help: &str,
+        m: M,
+        suffixes: &[&str],
+    ) -> M {
+        self.registry.register(name, help, m.clone());
+        self.samples.extend(suffixes.iter().map(|s| format!("fhirsync_{name}{s}")));
+        m
+    }
+    fn counter<M: prometheus_client::registry::Metric + Clone>(&mut self, name: &str, help: &str, m: M) -> M {
+        self.add(name, help, m, &["_total"])
+    }
+    fn gauge<M: prometheus_client::registry::Metric + Clone>(&mut self, name: &str, help: &str, m: M) -> M {
+        self.add(name, help, m, &[""])
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("fhirsync");
-        let reconciles = Family::<KindLabels, Counter>::default();
-        registry.register("reconciles", "Reconciliations by kind", reconciles.clone());
-        let reconcile_failures = Family::<FailureLabels, Counter>::default();
-        registry.register(
-            "reconcile_failures",
-            "Failed reconciliations by kind and reason",
-            reconcile_failures.clone(),
+        let mut r = Registrar { registry: Registry::with_prefix("fhirsync"), samples: vec![] };
+        let reconciles = r.counter("reconciles", "Reconciliations by kind", Family::default());
+        let reconcile_failures =
+            r.counter("reconcile_failures", "Failed reconciliations by kind and reason", Family::default());
+        let runs = r.counter("runs", "Finished BulkExportRuns by result (succeeded, failed)", Family::default());
+        let run_duration = r.add(
+            "run_duration_seconds",
+            "Duration of finished BulkExportRuns",
+            Histogram::new(exponential_buckets(1.0, 2.0, 20)),
+            &["_bucket", "_sum", "_count"],
         );
-        let runs = Family::<ResultLabels, Counter>::default();
-        registry.register("runs", "Finished BulkExportRuns by result (succeeded, failed)", runs.clone());
-        let run_duration = Histogram::new(exponential_buckets(1.0, 2.0, 20));
-        registry.register("run_duration_seconds", "Duration of finished BulkExportRuns", run_duration.clone());
-        let resources_imported = Family::<TypeLabels, Counter>::default();
-        registry.register("resources_imported", "Resources imported into Pathling by type", resources_imported.clone());
-        let bytes_transferred = Counter::default();
-        registry.register("bytes_transferred", "Bytes staged from sources", bytes_transferred.clone());
-        let watermark_age = Family::<SyncLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-        registry.register("watermark_age_seconds", "Age of each BulkExportSync's watermark", watermark_age.clone());
-        let subscriptions = Family::<SubscriptionLabels, Gauge>::default();
-        registry.register(
+        let resources_imported =
+            r.counter("resources_imported", "Resources imported into Pathling by type", Family::default());
+        let bytes_transferred = r.counter("bytes_transferred", "Bytes staged from sources", Counter::default());
+        let watermark_age =
+            r.gauge("watermark_age_seconds", "Age of each BulkExportSync's watermark", Family::default());
+        let last_success = r.gauge(
+            "last_success_timestamp_seconds",
+            "When each BulkExportSync's last successful run finished (Unix time)",
+            Family::default(),
+        );
+        let subscriptions = r.gauge(
             "subscriptions",
             "Subscriptions on sources by state (active, requested, failing)",
-            subscriptions.clone(),
+            Family::default(),
         );
-        let status_conflicts = Counter::default();
-        registry.register(
+        let status_conflicts = r.counter(
             "status_conflicts",
             "Status writes refused because the object changed since it was read (decided again)",
-            status_conflicts.clone(),
+            Counter::default(),
         );
         Self {
-            registry,
+            registry: r.registry,
+            samples: r.samples,
             status_conflicts,
             reconciles,
             reconcile_failures,
@@ -98,6 +128,7 @@ impl Default for Metrics {
             resources_imported,
             bytes_transferred,
             watermark_age,
+            last_success,
             subscriptions,
         }
     }
@@ -109,5 +140,32 @@ impl Metrics {
         let mut s = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn every_metric_the_dashboard_queries_is_exported() {
+        let dash: serde_json::Value =
+            serde_json::from_str(include_str!("../charts/fhirsync/dashboards/fhirsync.json")).expect("dashboard JSON");
+        let exported: BTreeSet<String> = Metrics::default().samples.into_iter().collect();
+        let mut queried = BTreeSet::new();
+        for p in dash["panels"].as_array().expect("panels") {
+            for t in p["targets"].as_array().into_iter().flatten() {
+                let expr = t["expr"].as_str().expect("expr");
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    if word.starts_with("fhirsync_") {
+                        queried.insert(word.to_string());
+                    }
+                }
+            }
+        }
+        assert!(queried.len() >= 8, "{queried:?}");
+        let missing: Vec<&String> = queried.iter().filter(|q| !exported.contains(*q)).collect();
+        assert!(missing.is_empty(), "the dashboard queries metrics the operator does not export: {missing:?}");
     }
 }

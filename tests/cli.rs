@@ -92,7 +92,8 @@ async fn sync_once_rejects_an_invalid_file_with_exit_2() {
     let out = c.run(vec!["sync-once".into(), "-f".into(), s(&f)]).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("spec.export.groupId is required"),
+        String::from_utf8_lossy(&out.stderr)
+            .contains("spec.export: Invalid value: export.groupId is required when level is Group"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

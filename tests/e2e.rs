@@ -78,14 +78,25 @@ async fn a_sync_runs_imports_and_then_goes_incremental() {
     assert_eq!(k[2].param("_since"), None, "a changed query starts over with a full export");
     assert_eq!(k[2].param("_type").as_deref(), Some("Patient"));
     assert!(s.status.unwrap().watermark.is_some(), "and sets a new watermark");
-    // printer columns
-    let out = std::process::Command::new("kubectl")
-        .args(["--kubeconfig", &cluster::kubeconfig().display().to_string(), "get", "bes,ber", "-n", &w.ns])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("READY") && text.contains("LAST SYNC") && text.contains("NEXT RUN"), "{text}");
-    assert!(text.contains("PHASE") && text.contains("Succeeded") && text.contains("DURATION"), "{text}");
+    // printer columns: true at a glance, as CronJob and Job users expect
+    let kubectl = |wide: bool| {
+        let mut a = vec!["--kubeconfig".to_string(), cluster::kubeconfig().display().to_string()];
+        a.extend(["get", "bes,ber", "-n", &w.ns].map(String::from));
+        if wide {
+            a.extend(["-o", "wide"].map(String::from));
+        }
+        let out = std::process::Command::new("kubectl").args(a).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let text = kubectl(false);
+    assert!(text.contains("READY") && text.contains("REASON") && text.contains("LAST SYNC"), "{text}");
+    assert!(
+        text.contains("PHASE") && text.contains("Succeeded") && text.contains("STARTED") && text.contains("DURATION"),
+        "{text}"
+    );
+    let wide = kubectl(true);
+    assert!(wide.contains("NEXT RUN") && wide.contains("WATERMARK") && wide.contains("MESSAGE"), "{wide}");
+    assert!(!text.contains("<invalid>") && !wide.contains("<invalid>"), "{text}\n{wide}");
 }
 
 #[tokio::test]

@@ -248,10 +248,21 @@ pub const PNP_MSG: &str = "pingAndPull needs export.level System, target.applyDe
     namespaced,
     status = "BulkExportSyncStatus",
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
+    printcolumn(name = "Schedule", type_ = "string", json_path = ".spec.schedule"),
+    printcolumn(name = "Suspend", type_ = "boolean", json_path = ".spec.suspend"),
+    printcolumn(name = "Active", type_ = "string", json_path = ".status.activeRun"),
     printcolumn(name = "Last sync", type_ = "date", json_path = ".status.lastSuccessfulRun.finishedAt"),
     printcolumn(name = "Resources", type_ = "integer", json_path = ".status.lastRunResources"),
-    printcolumn(name = "Next run", type_ = "date", json_path = ".status.nextScheduleTime"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Next run", type_ = "string", json_path = ".status.nextScheduleTime", priority = "1"),
+    printcolumn(name = "Watermark", type_ = "string", json_path = ".status.watermark", priority = "1"),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message",
+        priority = "1"
+    )
 )]
 #[x_kube(validation = Rule::new(MERGE_RULE).message(MERGE_MSG).field_path(".target.saveMode"))]
 #[x_kube(validation = Rule::new(PNP_RULE).message(PNP_MSG).field_path(".staging.pingAndPull"))]
@@ -384,4 +395,10 @@ pub struct BulkExportSyncStatus {
     /// Generation that the last run was started for (runs without a schedule: one per generation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_run_generation: Option<i64>,
+    /// Generation whose preflight checks passed (checked before a first run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preflight_generation: Option<i64>,
+    /// When the preflight checks last ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_preflight: Option<Time>,
 }

@@ -12,6 +12,7 @@ pub mod types {
     pub const COMPLETE: &str = "Complete";
     pub const FAILED: &str = "Failed";
     pub const INSECURE_TLS: &str = "InsecureTLS";
+    pub const PREFLIGHT: &str = "Preflight";
 }
 
 /// Schema of a `conditions` list: a map keyed by `type`, as `kubectl` and SSA expect.

@@ -92,10 +92,14 @@ pub struct SyncRef {
     namespaced,
     status = "BulkExportRunStatus",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.reason"),
     printcolumn(name = "Resources", type_ = "integer", json_path = ".status.resourceCount"),
     printcolumn(name = "Started", type_ = "date", json_path = ".status.startTime"),
-    printcolumn(name = "Duration", type_ = "string", json_path = ".status.duration")
+    printcolumn(name = "Duration", type_ = "string", json_path = ".status.duration"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Sync", type_ = "string", json_path = ".spec.syncRef.name", priority = "1"),
+    printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress", priority = "1"),
+    printcolumn(name = "Message", type_ = "string", json_path = ".status.message", priority = "1")
 )]
 #[x_kube(validation = Rule::new(RUN_SPEC_IMMUTABLE).message("BulkExportRun spec is immutable (fhirsync only fills in spec.template, once); create a new run instead"))]
 #[serde(rename_all = "camelCase")]

@@ -22,8 +22,15 @@ use super::units::{DURATION_MSG, DURATION_RULE};
     namespaced,
     status = "FhirSubscriptionSyncStatus",
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
     printcolumn(name = "Active", type_ = "string", json_path = ".status.activeSubscriptions"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message",
+        priority = "1"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FhirSubscriptionSyncSpec {

@@ -1,3 +1,6 @@
-//! Command-line entry points that are not the operator.
+//! Command-line entry points that are not the operator: adapters over the run engine, the sync's
+//! decisions and the preflight checks.
 
+pub mod check;
+pub mod input;
 pub mod sync_once;

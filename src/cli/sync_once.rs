@@ -14,27 +14,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use kube::CustomResourceExt;
-
-use crate::api::validate::validate_bulk_sync;
-use crate::api::{BulkExportRunStatus, BulkExportSync, Phase, RunTemplate};
+use super::input::{load_checked, secrets_from};
+use crate::api::{BulkExportRunStatus, Phase, RunTemplate};
 use crate::run::resolve::is_object_name;
 use crate::run::{self, Deps, DriveError, KeyedLocks, Options, Persist, PersistError, RunInputs};
-use crate::secrets::{DirSecrets, SecretSource};
+use crate::secrets::SecretSource;
 use crate::sync::{self, WatermarkMove};
 
-/// Errors before a run could start (exit code 2).
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
-    #[error("{path} is not a BulkExportSync: {message}")]
-    Parse { path: String, message: String },
-    #[error("invalid BulkExportSync: {0}")]
-    Invalid(String),
-    #[error("state file {path}: {message}")]
-    State { path: String, message: String },
-}
+pub use super::input::CliError;
 
 /// What `--state` keeps between invocations.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -89,48 +76,6 @@ pub struct Args {
     /// Summary format.
     #[arg(long, value_enum, default_value = "text")]
     pub output: Output,
-}
-
-struct NoSecrets;
-impl SecretSource for NoSecrets {
-    fn get<'a>(
-        &'a self,
-        namespace: &'a str,
-        r: &'a crate::api::SecretKeyRef,
-    ) -> futures::future::BoxFuture<'a, Result<Vec<u8>, crate::secrets::SecretError>> {
-        let e = crate::secrets::SecretError::SecretMissing {
-            namespace: namespace.into(),
-            name: r.name.clone(),
-            hint: format!(" (no --secrets-dir given: pass a directory holding {}/{})", r.name, r.key),
-        };
-        Box::pin(async move { Err(e) })
-    }
-}
-
-/// Reads the first BulkExportSync document of a YAML file and admits it exactly as the API server
-/// would (unknown fields, schema, the CRD's CEL rules, defaults), in the API server's words.
-pub fn load_sync(path: &Path) -> Result<BulkExportSync, CliError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| CliError::Read { path: path.display().to_string(), source: e })?;
-    let p = path.display().to_string();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let v = serde_yaml::Value::deserialize(doc)
-            .map_err(|e| CliError::Parse { path: p.clone(), message: e.to_string() })?;
-        if v.get("kind").and_then(|k| k.as_str()) != Some("BulkExportSync") {
-            continue;
-        }
-        let json: serde_json::Value =
-            serde_json::to_value(&v).map_err(|e| CliError::Parse { path: p.clone(), message: e.to_string() })?;
-        if json.get("apiVersion").and_then(|a| a.as_str()) != Some("fhirsync.io/v1alpha1") {
-            return Err(CliError::Parse { path: p, message: "apiVersion must be fhirsync.io/v1alpha1".into() });
-        }
-        let admitted = crate::api::admission::admit(&BulkExportSync::crd(), &json).map_err(|errs| {
-            CliError::Invalid(format!("the API server would refuse it:\n  * {}", errs.join("\n  * ")))
-        })?;
-        return serde_json::from_value(admitted)
-            .map_err(|e| CliError::Parse { path: p.clone(), message: e.to_string() });
-    }
-    Err(CliError::Parse { path: p, message: "no document with kind: BulkExportSync".into() })
 }
 
 /// Largest state file read.
@@ -233,18 +178,9 @@ pub async fn run(args: Args) -> i32 {
 }
 
 async fn run_inner(args: &Args) -> Result<i32, CliError> {
-    let sync = load_sync(&args.file)?;
-    let values = validate_bulk_sync(&sync.spec).map_err(CliError::Invalid)?;
-    if let Some(s) = &sync.spec.schedule {
-        crate::schedule::Schedule::parse(s, &sync.spec.time_zone).map_err(CliError::Invalid)?;
-    }
+    let (sync, values) = load_checked(&args.file)?;
     let ns = sync.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let name = sync.metadata.name.clone().unwrap_or_else(|| "sync".into());
-    if !is_object_name(&ns) || !is_object_name(&name) {
-        return Err(CliError::Invalid(format!(
-            "metadata.name {name:.80?} and metadata.namespace {ns:.80?} must be lowercase names (letters, digits, '-', '.')"
-        )));
-    }
     let _lock = match &args.state {
         Some(p) => Some(lock_state(p)?),
         None => None,
@@ -283,10 +219,7 @@ async fn run_inner(args: &Args) -> Result<i32, CliError> {
         }
     };
     state.run = Some(run_state.clone());
-    let secrets: Arc<dyn SecretSource> = match &args.secrets_dir {
-        Some(d) => Arc::new(DirSecrets::new(d)),
-        None => Arc::new(NoSecrets),
-    };
+    let secrets: Arc<dyn SecretSource> = secrets_from(args.secrets_dir.as_deref());
     let inputs = RunInputs {
         namespace: ns.clone(),
         name: run_state.name.clone(),

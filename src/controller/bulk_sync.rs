@@ -210,7 +210,13 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
         );
     }
 
-    // 4. is a run due?
+    // 4. before a first run: the preflight checks (a first run waits until nothing blocks it)
+    let mut held = None;
+    if st.last_successful_run.is_none() && active.is_none() {
+        held = preflight(&ctx, &sync, &mut st, &values, now).await;
+    }
+
+    // 5. is a run due?
     let history = History {
         run_now: sync.annotations().get(ANNOTATION_RUN_NOW).cloned(),
         handled_run_now: st.handled_run_now.clone(),
@@ -220,7 +226,17 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
         last_run_generation: st.last_run_generation,
     };
     if let Some(due) = sync::due(&name, schedule.as_ref(), sync.spec.suspend, &history, now) {
-        if active.is_some() {
+        if let Some(wait) = held {
+            tracing::debug!(sync = %name, "first run held until the preflight checks pass");
+            set_condition(
+                &mut st.conditions,
+                types::PROGRESSING,
+                false,
+                "PreflightFailed",
+                format!("the first run waits until the preflight checks pass (checked again in {}s)", wait.as_secs()),
+                gen_,
+            );
+        } else if active.is_some() {
             tracing::debug!(sync = %name, "run due but one is in flight; waiting");
         } else {
             let since = sync::since(&sync.spec, st.watermark.as_ref().map(|t| t.0));
@@ -290,7 +306,7 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
         _ => None,
     };
 
-    // 5. history
+    // 6. history
     let finished: Vec<&BulkExportRun> =
         runs.iter().filter(|r| run_is_finished(r) && st.active_run.as_deref() != Some(&r.name_any())).collect();
     let keep = sync.spec.history_limit as usize;
@@ -306,7 +322,13 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
         }
     }
 
-    // 6. metrics
+    // 7. metrics
+    if let Some(t) = st.last_successful_run.as_ref().and_then(|r| r.finished_at.as_ref()) {
+        ctx.metrics
+            .last_success
+            .get_or_create(&crate::metrics::SyncLabels { namespace: ns.clone(), name: name.clone() })
+            .set(t.0.as_millisecond() as f64 / 1000.0);
+    }
     if let Some(w) = &st.watermark {
         ctx.metrics
             .watermark_age
@@ -314,7 +336,9 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
             .set(now.duration_since(w.0).as_secs_f64());
     }
 
-    let action = if st.active_run.is_some() {
+    let action = if let Some(wait) = held {
+        Action::requeue(wait)
+    } else if st.active_run.is_some() {
         Action::requeue(Duration::from_secs(300))
     } else if let Some(next) = &st.next_schedule_time {
         let secs = next.0.duration_since(now).as_secs().clamp(1, 3600) as u64;
@@ -323,6 +347,58 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
         Action::requeue(Duration::from_secs(3600))
     };
     finish(&ctx, &syncs, &sync, &before, &st, action).await
+}
+
+/// How often failing preflight checks are run again.
+const PREFLIGHT_RETRY: Duration = Duration::from_secs(60);
+
+/// Runs the preflight checks when the spec changed since they last passed (at most every minute while
+/// they fail) and sets the `Preflight` condition. Returns the wait before checking again when a
+/// blocking check fails (the first run is held meanwhile).
+async fn preflight(
+    ctx: &Context,
+    sync: &BulkExportSync,
+    st: &mut BulkExportSyncStatus,
+    values: &crate::api::validate::SyncValues,
+    now: Timestamp,
+) -> Option<Duration> {
+    let gen_ = sync.metadata.generation;
+    if st.preflight_generation == gen_ {
+        return None;
+    }
+    if let Some(last) = &st.last_preflight {
+        let since = now.duration_since(last.0).unsigned_abs();
+        // failed for this same generation: wait; a changed spec is checked at once
+        let failed = st
+            .conditions
+            .iter()
+            .any(|c| c.type_ == types::PREFLIGHT && c.status == "False" && c.observed_generation == gen_);
+        if failed && since < PREFLIGHT_RETRY {
+            return Some(PREFLIGHT_RETRY - since);
+        }
+    }
+    let ns = sync.namespace().unwrap_or_default();
+    let t = RunTemplate::from(&sync.spec);
+    let findings = match tokio::time::timeout(
+        Duration::from_secs(60),
+        crate::run::preflight::preflight(&t, &values.template, &ns, ctx.secrets.as_ref(), &ctx.opts),
+    )
+    .await
+    {
+        Ok(f) => f,
+        Err(_) => {
+            tracing::warn!(sync = %sync.name_any(), "the preflight checks took longer than 60s");
+            return Some(PREFLIGHT_RETRY);
+        }
+    };
+    st.last_preflight = Some(Time(now));
+    let (ok, reason, msg) = crate::run::preflight::summarize(&findings);
+    set_condition(&mut st.conditions, types::PREFLIGHT, ok, reason, msg, gen_);
+    if findings.iter().any(|f| !f.ok && f.blocking) {
+        return Some(PREFLIGHT_RETRY);
+    }
+    st.preflight_generation = gen_;
+    None
 }
 
 /// Folds a finished run into the sync's status: results, watermark, conditions.

@@ -95,7 +95,7 @@ impl Error {
             Error::Transport { message, connect: true, .. } => {
                 let m = message.to_ascii_lowercase();
                 Some(if m.contains("dns") || m.contains("lookup") || m.contains("resolve") {
-                    "the host name does not resolve: check the URL's host"
+                    "the host name does not resolve: check the URL's host (and this machine's network, DNS or HTTPS_PROXY)"
                 } else if m.contains("refused") {
                     "nothing listens there: check the URL's host and port"
                 } else if m.contains("certificate") || m.contains("tls") {
@@ -324,6 +324,14 @@ impl HttpClient {
         url.origin() == self.base.origin()
     }
 
+    /// Produces a credential now (obtains a token for OAuth): `Ok(false)` when the client has none.
+    pub async fn authorize(&self) -> Result<bool, Error> {
+        match &self.auth {
+            Some(a) => a.authorization().await.map(|_| true).map_err(Error::from),
+            None => Ok(false),
+        }
+    }
+
     /// Whether the server has answered any request made through this client.
     pub fn has_answered(&self) -> bool {
         self.answered.load(Ordering::Relaxed)
@@ -390,18 +398,25 @@ impl HttpClient {
 
 fn transport(url: &Url, e: reqwest::Error) -> Error {
     let connect = e.is_connect();
+    let timeout = e.is_timeout();
     let e = e.without_url();
-    let mut parts: Vec<String> = vec![e.to_string()];
-    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(&e);
-    while let Some(s) = src {
-        let m = s.to_string();
-        if !parts.iter().any(|p| p.contains(&m)) {
-            parts.push(m);
-        }
-        src = s.source();
+    // the innermost cause says what happened ("Connection refused", "failed to lookup address")
+    let mut deepest: &dyn std::error::Error = &e;
+    while let Some(s) = deepest.source() {
+        deepest = s;
     }
-    let message = crate::text::peer_text(&parts.join(": "), crate::text::PEER_TEXT_MAX);
-    Error::Transport { url: redact(url), message, connect }
+    let mut message = deepest.to_string();
+    if connect && !message.to_ascii_lowercase().contains("connect") && !message.contains("lookup") {
+        message = format!("connection failed: {message}");
+    }
+    if timeout {
+        message = format!("timed out: {message}");
+    }
+    Error::Transport {
+        url: redact(url),
+        message: crate::text::peer_text(&message, crate::text::PEER_TEXT_MAX),
+        connect,
+    }
 }
 
 /// Joins a relative path onto a base URL, treating the base as a directory.

@@ -29,6 +29,7 @@ mod import;
 pub mod locks;
 pub mod names;
 pub mod policy;
+pub mod preflight;
 pub mod resolve;
 pub mod transfer;
 

@@ -349,6 +349,7 @@ impl Engine {
             }
         }
         st.export_errors = report.errors;
+        st.progress = None;
         st.message = Some(format!("staged {} files; importing", t.staged));
         if report.errors > 0 {
             st.reason = Some(Reason::PartialExport.as_str().into());

@@ -115,6 +115,10 @@ impl FakePathling {
             .route("/fhir/$import-pnp", post(import_pnp))
             .route("/fhir/$job", get(job).delete(delete_job))
             .route("/fhir/{t}/{id}", put(put_resource).delete(delete_resource).get(get_resource))
+            .fallback(|| async {
+                let page = "<!DOCTYPE html><html><head><title>404 Not Found</title></head><body><h1>Not Found</h1></body></html>";
+                (StatusCode::NOT_FOUND, [(header::CONTENT_TYPE, "text/html")], page)
+            })
             .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(me.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.ok() });

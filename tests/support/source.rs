@@ -341,6 +341,13 @@ fn kickoff_inner(
             None => StatusCode::NOT_FOUND.into_response(),
         };
     }
+    if rest == "metadata" {
+        let cs = json!({"resourceType": "CapabilityStatement", "status": "active", "kind": "instance", "fhirVersion": "4.0.1",
+            "software": {"name": "fhirsync test source", "version": "1"},
+            "instantiates": ["http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"],
+            "rest": [{"mode": "server", "operation": [{"name": "export"}, {"name": "patient-export"}, {"name": "group-export"}]}]});
+        return (StatusCode::OK, [(header::CONTENT_TYPE, "application/fhir+json")], cs.to_string()).into_response();
+    }
     if !rest.ends_with("$export") {
         return (StatusCode::NOT_FOUND, outcome("error", "not-found", "unknown path")).into_response();
     }
