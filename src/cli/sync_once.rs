@@ -371,3 +371,28 @@ pub fn progress_line(st: &BulkExportRunStatus) -> String {
     }
     if parts.is_empty() { format!("{:?}", st.phase) } else { format!("{:?}: {}", st.phase, parts.join(" ")) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_have_no_empty_parts_or_echoes() {
+        let st = |phase: Phase, message: Option<&str>, progress: Option<&str>| BulkExportRunStatus {
+            phase,
+            message: message.map(str::to_string),
+            progress: progress.map(str::to_string),
+            ..Default::default()
+        };
+        assert_eq!(progress_line(&st(Phase::Pending, None, None)), "Pending");
+        assert_eq!(progress_line(&st(Phase::Pending, Some(""), Some(""))), "Pending");
+        assert_eq!(
+            progress_line(&st(Phase::Exporting, Some("export in progress on the source"), Some("45% complete"))),
+            "Exporting: export in progress on the source (45% complete)"
+        );
+        assert_eq!(
+            progress_line(&st(Phase::Importing, Some("import complete"), Some("import complete"))),
+            "Importing: import complete"
+        );
+    }
+}
