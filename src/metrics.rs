@@ -56,6 +56,7 @@ pub struct Metrics {
     pub last_success: Family<SyncLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub subscriptions: Family<SubscriptionLabels, Gauge>,
     pub status_conflicts: Counter,
+    pub run_tasks: Counter,
 }
 
 /// Registers metrics and remembers the sample names each exposes (for the dashboard's test and docs).
@@ -117,7 +118,13 @@ impl Default for Metrics {
             "Status writes refused because the object changed since it was read (decided again)",
             Counter::default(),
         );
+        let run_tasks = r.counter(
+            "run_tasks_started",
+            "Run tasks started (once per run per process; a run found finished is never started)",
+            Counter::default(),
+        );
         Self {
+            run_tasks,
             registry: r.registry,
             samples: r.samples,
             status_conflicts,

@@ -19,6 +19,8 @@ use kube::CustomResourceExt;
 
 /// Annotation: any new value starts a run now.
 pub const ANNOTATION_RUN_NOW: &str = "fhirsync.io/run-now";
+/// Annotation: any new value runs a drift verification now.
+pub const ANNOTATION_VERIFY_NOW: &str = "fhirsync.io/verify-now";
 /// Annotation: any new value makes the next run a full export.
 pub const ANNOTATION_RESET_WATERMARK: &str = "fhirsync.io/reset-watermark";
 /// Label on each BulkExportRun naming its BulkExportSync.

@@ -9,10 +9,10 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
+use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -25,14 +25,14 @@ use crate::api::{
 };
 use crate::run::{self, DriveError, Failure, Persist, PersistError, Reason, RunInputs};
 
-/// Builds the controller future and its cache-sync check.
+/// Builds the controller future and its cache-sync check, on the shared run watch.
 pub fn controller(
     ctx: Arc<Context>,
-    ns: Option<String>,
+    runs: impl futures::Stream<Item = Result<BulkExportRun, kube::runtime::watcher::Error>> + Send + 'static,
+    store: kube::runtime::reflector::Store<BulkExportRun>,
     stop: CancellationToken,
 ) -> (BoxFuture<'static, ()>, super::ReadyCheck) {
-    let api: Api<BulkExportRun> = super::scoped_api(&ctx.client, &ns);
-    super::launch(Controller::new(api, watcher::Config::default()), ctx, stop, reconcile)
+    super::launch(Controller::for_stream(runs, store), ctx, stop, reconcile)
 }
 
 async fn reconcile(run: Arc<BulkExportRun>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -226,10 +226,7 @@ async fn drive_run(ns: String, name: String, uid: String, ctx: Arc<Context>, can
                 return;
             }
         };
-        if st.start_time.is_none() {
-            let since = run.spec.since.as_ref().map(|t| t.0.to_string()).unwrap_or_else(|| "full export".into());
-            ctx.event(&run, EventType::Normal, "Started", "Run", format!("run started (since: {since})")).await;
-        }
+        ctx.metrics.run_tasks.inc();
         let inputs = RunInputs {
             namespace: ns.clone(),
             name: name.clone(),

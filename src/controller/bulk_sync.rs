@@ -8,10 +8,10 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::api::{DeleteParams, PostParams};
+use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::{Controller, watcher};
 use kube::{Api, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
@@ -26,15 +26,16 @@ use crate::api::{
 use crate::schedule::Schedule;
 use crate::sync::{self, History, WatermarkMove};
 
-/// Builds the controller future and a future that resolves once its cache has synced.
+/// Builds the controller future and a future that resolves once its cache has synced. Woken by spec
+/// changes of a sync (not its status writes) and by its runs finishing.
 pub fn controller(
     ctx: Arc<Context>,
     ns: Option<String>,
+    finished_runs: impl futures::Stream<Item = Arc<BulkExportRun>> + Send + 'static,
     stop: CancellationToken,
 ) -> (BoxFuture<'static, ()>, super::ReadyCheck) {
-    let syncs: Api<BulkExportSync> = super::scoped_api(&ctx.client, &ns);
-    let runs: Api<BulkExportRun> = super::scoped_api(&ctx.client, &ns);
-    let c = Controller::new(syncs, watcher::Config::default()).owns(runs, watcher::Config::default());
+    let (syncs, store) = super::cache::watch::<BulkExportSync>(&ctx.client, &ns);
+    let c = Controller::for_stream(syncs, store).owns_shared_stream(finished_runs);
     super::launch(c, ctx, stop, reconcile)
 }
 
@@ -149,11 +150,8 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
     }
 
     // 3. runs: fold the finished active run, adopt an unfinished one
-    let label = format!("{LABEL_SYNC}={}", sync::label_value(&name));
-    let mut runs = runs_api.list(&ListParams::default().labels(&label)).await?.items;
-    runs.retain(|r| {
-        r.owner_references().iter().any(|o| Some(&o.uid) == sync.uid().as_ref()) || r.spec.sync_ref.name == name
-    });
+    // the cached runs this sync owns (an index over the shared run watch: no LIST)
+    let mut runs = ctx.runs.runs_of(&sync.uid().unwrap_or_default());
     runs.sort_by(|a, b| a.creation_timestamp().cmp(&b.creation_timestamp()).then(a.name_any().cmp(&b.name_any())));
     if let Some(active) = st.active_run.clone() {
         match runs.iter().find(|r| r.name_any() == active) {
@@ -161,7 +159,14 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
                 fold(&ctx, &sync, &mut st, r, values.since_overlap, schedule.is_some()).await
             }
             Some(_) => {}
-            None => st.active_run = None,
+            // not in the cache (yet, or any more): ask the API server before forgetting it
+            None => match runs_api.get_opt(&active).await? {
+                Some(r) if run_is_finished(&r) => {
+                    fold(&ctx, &sync, &mut st, &r, values.since_overlap, schedule.is_some()).await
+                }
+                Some(r) => runs.push(Arc::new(r)),
+                None => st.active_run = None,
+            },
         }
     }
     if st.active_run.is_none()
@@ -246,6 +251,8 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
                     namespace: Some(ns.clone()),
                     labels: Some([(LABEL_SYNC.to_string(), sync::label_value(&name))].into()),
                     owner_references: sync.controller_owner_ref(&()).map(|o| vec![o]),
+                    // set at creation: the run controller need not patch it in
+                    finalizers: Some(vec![crate::api::FINALIZER_RUN.to_string()]),
                     ..Default::default()
                 },
                 spec: BulkExportRunSpec {
@@ -307,7 +314,7 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
     };
 
     // 6. history
-    let finished: Vec<&BulkExportRun> =
+    let finished: Vec<&Arc<BulkExportRun>> =
         runs.iter().filter(|r| run_is_finished(r) && st.active_run.as_deref() != Some(&r.name_any())).collect();
     let keep = sync.spec.history_limit as usize;
     if finished.len() > keep {

@@ -19,6 +19,7 @@ use crate::telemetry::LogFormat;
 
 pub mod bulk_run;
 pub mod bulk_sync;
+pub mod cache;
 pub mod leader;
 pub mod status;
 pub mod subscription_sync;
@@ -97,6 +98,10 @@ pub struct Context {
     pub opts: Options,
     /// Run tasks by the run's uid.
     pub tasks: Mutex<HashMap<String, RunTask>>,
+    /// The cached runs of each sync (the shared run watch keeps it).
+    pub runs: Arc<cache::RunIndex>,
+    /// When each FhirSubscriptionSync (by uid) was last verified in this process.
+    pub verifications: Mutex<HashMap<String, std::time::Instant>>,
     pub shutdown: CancellationToken,
 }
 
@@ -111,6 +116,36 @@ impl Context {
     /// What a run uses from this process.
     pub fn deps(&self) -> Deps {
         Deps { secrets: self.secrets.clone(), locks: self.locks.clone(), opts: self.opts.clone(), backoff_scale: 1.0 }
+    }
+
+    /// How long a settled FhirSubscriptionSync waits before its next verification; `None`: verify now.
+    /// The first time this process sees a settled one (after a restart), the wait is a stable
+    /// fraction of `interval` picked from its uid, so verifications spread out.
+    pub fn verification_wait(
+        &self,
+        uid: &str,
+        interval: std::time::Duration,
+        settled: bool,
+    ) -> Option<std::time::Duration> {
+        let now = std::time::Instant::now();
+        let mut m = self.verifications.lock().unwrap_or_else(|p| p.into_inner());
+        match m.get(uid) {
+            Some(last) if settled => (now < *last + interval).then(|| *last + interval - now),
+            Some(_) => None,
+            None if settled => {
+                let fraction =
+                    (u64::from_str_radix(&crate::sync::fingerprint(uid)[..8], 16).unwrap_or(0) % 1000) as f64 / 1000.0;
+                let wait = interval.mul_f64(fraction);
+                m.insert(uid.to_string(), now.checked_sub(interval.saturating_sub(wait)).unwrap_or(now));
+                Some(wait)
+            }
+            None => None,
+        }
+    }
+
+    /// Records a verification now.
+    pub fn verified(&self, uid: &str) {
+        self.verifications.lock().unwrap_or_else(|p| p.into_inner()).insert(uid.to_string(), std::time::Instant::now());
     }
 
     /// Publishes an Event (its note bounded); failures are logged, never fatal.
@@ -179,6 +214,8 @@ async fn run_inner(args: RunArgs) -> Result<(), Error> {
         secrets: Arc::new(KubeSecrets::new(client.clone())),
         opts: Options { staging_root: args.staging_root.clone() },
         tasks: Mutex::new(HashMap::new()),
+        runs: Arc::default(),
+        verifications: Mutex::default(),
         shutdown: shutdown.clone(),
     });
     let result = if args.leader_elect {
@@ -200,10 +237,11 @@ pub async fn run_controllers(args: &RunArgs, ctx: Arc<Context>, ready: Readiness
     let mut futs = vec![];
     let mut stores = vec![];
     for ns in namespaces {
-        let (f, s) = bulk_sync::controller(ctx.clone(), ns.clone(), stop.clone());
+        let (run_root, run_store, finished_runs) = cache::run_watch(&ctx.client, &ns, ctx.runs.clone());
+        let (f, s) = bulk_run::controller(ctx.clone(), run_root, run_store, stop.clone());
         futs.push(f);
         stores.push(s);
-        let (f, s) = bulk_run::controller(ctx.clone(), ns.clone(), stop.clone());
+        let (f, s) = bulk_sync::controller(ctx.clone(), ns.clone(), finished_runs, stop.clone());
         futs.push(f);
         stores.push(s);
         let (f, s) = subscription_sync::controller(ctx.clone(), ns, stop.clone());
@@ -308,13 +346,22 @@ where
     F: FnMut(Arc<K>, Arc<Context>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<kube::runtime::controller::Action, Error>> + Send + 'static,
 {
+    let stop2 = stop.clone();
     let c = c.graceful_shutdown_on(async move { stop.cancelled().await });
     let store = c.store();
     let mut reconcile = reconcile;
     let kind = crate::metrics::KindLabels { kind: K::kind(&()).to_string() };
+    // a reconcile waiting on a slow peer does not hold up shutdown
     let counted = move |obj: Arc<K>, ctx: Arc<Context>| {
         ctx.metrics.reconciles.get_or_create(&kind).inc();
-        reconcile(obj, ctx)
+        let r = reconcile(obj, ctx);
+        let stop = stop2.clone();
+        async move {
+            tokio::select! {
+                r = r => r,
+                _ = stop.cancelled() => Ok(kube::runtime::controller::Action::await_change()),
+            }
+        }
     };
     let fut = Box::pin(drain(c.run(counted, error_policy::<K>, ctx)));
     (

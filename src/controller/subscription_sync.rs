@@ -9,10 +9,10 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
@@ -33,8 +33,8 @@ pub fn controller(
     ns: Option<String>,
     stop: CancellationToken,
 ) -> (BoxFuture<'static, ()>, ReadyCheck) {
-    let api: Api<FhirSubscriptionSync> = super::scoped_api(&ctx.client, &ns);
-    super::launch(Controller::new(api, watcher::Config::default()), ctx, stop, reconcile)
+    let (stream, store) = super::cache::watch::<FhirSubscriptionSync>(&ctx.client, &ns);
+    super::launch(Controller::for_stream(stream, store), ctx, stop, reconcile)
 }
 
 async fn reconcile(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -113,6 +113,15 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
         }
     };
     let retry_soon = Action::requeue(verify.min(Duration::from_secs(30)));
+    // every verifyInterval (the watch ignores our own status writes); after a restart the first
+    // verifications of settled syncs are spread over the interval instead of all at once
+    let uid = obj.uid().unwrap_or_default();
+    let settled = before.observed_generation == gen_
+        && before.conditions.iter().any(|c| c.type_ == types::READY && c.status == "True");
+    if let Some(wait) = ctx.verification_wait(&uid, verify, settled) {
+        return Ok(Action::requeue(wait));
+    }
+    ctx.verified(&uid);
     let timing = server_timing(&spec.source, "spec.source").unwrap_or_else(|_| default_timing());
 
     let http = match resolve::http_client(&spec.source, &timing, &ns, ctx.secrets.as_ref(), "spec.source").await {
@@ -246,17 +255,20 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
                 (false, true) => p.map(|p| p.retries).unwrap_or(0) + 1,
                 (false, false) => p.map(|p| p.retries).unwrap_or(0),
             };
+            // keep showing the last error while a re-requested Subscription is not active yet
+            let error = if s.error.is_empty() && !active && retries > 0 {
+                p.map(|p| p.error.clone()).unwrap_or_default()
+            } else {
+                crate::text::peer_text(&s.error, crate::text::PEER_TEXT_MAX)
+            };
+            // written only when the state changes: a verification that finds nothing new writes nothing
+            let unchanged = p.is_some_and(|p| p.status == s.status && p.error == error && p.retries == retries);
             SubscriptionState {
                 criteria: s.criteria.clone(),
                 id: Some(s.id.clone()),
                 status: s.status.clone(),
-                // keep showing the last error while a re-requested Subscription is not active yet
-                error: if s.error.is_empty() && !active && retries > 0 {
-                    p.map(|p| p.error.clone()).unwrap_or_default()
-                } else {
-                    s.error.clone()
-                },
-                last_verified: Some(Time(now)),
+                last_verified: if unchanged { p.and_then(|p| p.last_verified.clone()) } else { Some(Time(now)) },
+                error,
                 retries,
                 last_retry: if rerequested {
                     Some(Time(now))
@@ -339,6 +351,7 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
 }
 
 async fn cleanup(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.verifications.lock().unwrap_or_else(|p| p.into_inner()).remove(&obj.uid().unwrap_or_default());
     let ns = obj.namespace().unwrap_or_default();
     let name = obj.name_any();
     let api: Api<FhirSubscriptionSync> = Api::namespaced(ctx.client.clone(), &ns);

@@ -108,7 +108,8 @@ impl Engine {
                     st.queue_position = None;
                     st.message = Some("import submitted to Pathling".into());
                     mem.waiting_since = Some(std::time::Instant::now());
-                    Ok(Next::Wait(self.scaled(Duration::from_secs(1))))
+                    // Pathling holds its one import slot meanwhile: look early
+                    Ok(Next::Wait(self.scaled(Duration::from_millis(250))))
                 }
                 Err(e) => {
                     let a = Attempt {

@@ -194,14 +194,15 @@ pub enum DriveError {
     Persist(String),
 }
 
-/// The fields whose change must be stored before the run goes on.
+/// The fields whose change must be stored before the run goes on: what a restarted process cannot
+/// find out again. Everything else (intermediate phases, the import job, progress) goes out lazily:
+/// a resumed run re-polls the export, and Pathling coalesces a resubmitted identical `$import`.
 fn durable(st: &BulkExportRunStatus) -> impl PartialEq + use<> {
     (
-        st.phase,
+        st.phase.is_finished(),
         st.kickoff_time.clone(),
         st.export_status_url.clone(),
         st.export_released,
-        st.import_job_url.clone(),
         st.lost_kickoffs,
     )
 }

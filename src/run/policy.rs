@@ -186,10 +186,8 @@ pub fn decide(a: Attempt<'_>, e: &HttpError, streaks: &mut Streaks) -> Decision 
             let wait = backoff(streaks.busy - 1, Duration::from_secs(1), BUSY_MAX)
                 .max(e.retry_after().unwrap_or_default())
                 .min(BUSY_MAX);
-            Decision::Retry {
-                wait,
-                message: format!("{}: the server is busy ({e}); trying again in {}", a.what, show(wait)),
-            }
+            // the same message for every busy answer: waiting is not news (no status write per retry)
+            Decision::Retry { wait, message: format!("{}: the server is busy ({e}); waiting", a.what) }
         }
         Class::Auth => {
             let hint = match e.status() {
