@@ -126,6 +126,7 @@ impl PathlingTarget {
             tls: self.tls.clone(),
             timeouts: self.timeouts.clone(),
             max_poll_interval: self.max_poll_interval.clone(),
+            max_concurrent_exports: 1,
             allow_link_local: self.allow_link_local,
         }
     }

@@ -191,8 +191,22 @@ pub struct FhirServer {
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MSG))]
     #[schemars(length(max = 32))]
     pub max_poll_interval: Option<String>,
+    /// As a source: how many exports fhirsync runs at once on this server with this credential,
+    /// across all syncs (default 1 — Epic and Cerner allow one per client; HAPI allows many, Helios 4).
+    /// Further runs queue, first come first served.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    #[schemars(range(min = 1, max = 64))]
+    pub max_concurrent_exports: u32,
     /// Allow requests to link-local addresses (169.254.0.0/16, fe80::/10) and cloud metadata services.
     /// Off by default: a manifest's file URL or a redirect that points there is refused.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_link_local: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }

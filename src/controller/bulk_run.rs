@@ -58,13 +58,7 @@ async fn apply_run(run: Arc<BulkExportRun>, ctx: Arc<Context>) -> Result<Action,
         return Ok(Action::await_change()); // once per run per process
     }
     let cancel = CancellationToken::new();
-    let handle = tokio::spawn(drive_run(
-        run.namespace().unwrap_or_default(),
-        run.name_any(),
-        uid.clone(),
-        ctx.clone(),
-        cancel.clone(),
-    ));
+    let handle = tokio::spawn(drive_run(run.clone(), ctx.clone(), cancel.clone()));
     tasks.insert(uid, RunTask { cancel, handle });
     Ok(Action::await_change())
 }
@@ -108,11 +102,12 @@ impl Writer {
                 }
                 Ok(Applied::Gone) => return Err(PersistError::Gone),
                 Ok(Applied::Conflict) => {
-                    // the object changed (metadata, a filled template): adopt its version unless
-                    // someone else finished or replaced the run
+                    // the object changed: if only its metadata or spec did (a filled template, a
+                    // finalizer), adopt its version; if its status is not what we wrote (finished,
+                    // or driven elsewhere), never overwrite it
                     match self.api.get_opt(&self.name).await {
                         Ok(Some(r)) if r.uid().as_deref() == Some(self.uid.as_str()) => {
-                            if r.status.as_ref().is_some_and(|s| s.phase.is_finished()) {
+                            if r.status != g.last {
                                 return Err(PersistError::Gone);
                             }
                             g.rv = r.resource_version();
@@ -199,10 +194,21 @@ async fn template(api: &Api<BulkExportRun>, run: &BulkExportRun, ctx: &Context) 
     Ok(t)
 }
 
-async fn drive_run(ns: String, name: String, uid: String, ctx: Arc<Context>, cancel: CancellationToken) {
+async fn drive_run(cached: Arc<BulkExportRun>, ctx: Arc<Context>, cancel: CancellationToken) {
+    let (ns, name, uid) = (cached.namespace().unwrap_or_default(), cached.name_any(), cached.uid().unwrap_or_default());
     let api: Api<BulkExportRun> = Api::namespaced(ctx.client.clone(), &ns);
+    // a run the cache shows never started needs no read: its first write is guarded by this
+    // resourceVersion and stops if the stored status is not what the cache shows; a resumed run is
+    // read from the API server first
+    let mut first = cached.status.is_none().then(|| (*cached).clone());
     loop {
-        let Some(run) = fresh(&api, &name, &uid, &cancel).await else { return };
+        let run = match first.take() {
+            Some(r) => r,
+            None => match fresh(&api, &name, &uid, &cancel).await {
+                Some(r) => r,
+                None => return,
+            },
+        };
         let mut st = run.status.clone().unwrap_or_default();
         if st.phase.is_finished() || run.metadata.deletion_timestamp.is_some() {
             return;
@@ -243,16 +249,16 @@ async fn drive_run(ns: String, name: String, uid: String, ctx: Arc<Context>, can
         match r {
             Ok(()) => {
                 count_finished(&ctx, &st);
+                // a person should see what went wrong; a success is in the status (and the log)
                 let note = st.message.clone().unwrap_or_default();
-                let (t, reason) = match st.phase {
-                    Phase::Succeeded if st.export_errors > 0 => (EventType::Warning, "PartialExport".to_string()),
-                    Phase::Succeeded => (EventType::Normal, "Succeeded".to_string()),
-                    _ => (
-                        EventType::Warning,
-                        st.reason.clone().filter(|r| !r.is_empty()).unwrap_or_else(|| "Failed".into()),
-                    ),
+                let reason = match st.phase {
+                    Phase::Succeeded if st.export_errors > 0 => Some("PartialExport".to_string()),
+                    Phase::Succeeded => None,
+                    _ => Some(st.reason.clone().filter(|r| !r.is_empty()).unwrap_or_else(|| "Failed".into())),
                 };
-                ctx.event(&run, t, &reason, "Run", note).await;
+                if let Some(reason) = reason {
+                    ctx.event(&run, EventType::Warning, &reason, "Run", note).await;
+                }
                 return;
             }
             Err(DriveError::Cancelled) => {

@@ -74,9 +74,21 @@ fn blocked(st: &mut BulkExportSyncStatus, gen_: Option<i64>, reason: &str, msg: 
 }
 
 async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let uid = sync.uid().unwrap_or_default();
     if sync.metadata.deletion_timestamp.is_some() {
+        ctx.sync_writes.forget(&uid);
         return Ok(Action::await_change()); // owned runs go with it (garbage collection)
     }
+    // a cached copy older than our own last status write: decide on what we wrote
+    let sync = match ctx.sync_writes.newer(&uid, sync.resource_version().as_deref()) {
+        Some((rv, st)) => {
+            let mut s = (*sync).clone();
+            s.metadata.resource_version = rv;
+            s.status = Some(st);
+            Arc::new(s)
+        }
+        None => sync,
+    };
     let ns = sync.namespace().unwrap_or_default();
     let name = sync.name_any();
     let gen_ = sync.metadata.generation;
@@ -269,19 +281,13 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
                 .await
             {
                 Ok(_) => {
-                    ctx.event(
-                        sync.as_ref(),
-                        EventType::Normal,
-                        "RunCreated",
-                        "Schedule",
-                        format!(
-                            "created BulkExportRun {} ({:?}, since: {})",
-                            due.name,
-                            due.trigger,
-                            since.map(|t| t.to_string()).unwrap_or_else(|| "full export".into())
-                        ),
-                    )
-                    .await;
+                    tracing::info!(
+                        sync = %format!("{ns}/{name}"),
+                        run = %due.name,
+                        trigger = ?due.trigger,
+                        since = %since.map(|t| t.to_string()).unwrap_or_else(|| "full export".into()),
+                        "run created"
+                    );
                 }
                 Err(kube::Error::Api(s)) if s.code == 409 => {
                     // created before a crash or by a decision whose status write was lost: the run's
@@ -488,8 +494,12 @@ async fn finish(
     if st == before {
         return Ok(action);
     }
-    match apply(api, &sync.name_any(), sync.resource_version().as_deref(), st).await? {
-        Applied::Written(_) => Ok(action),
+    let rv = sync.resource_version();
+    match apply(api, &sync.name_any(), rv.as_deref(), st).await? {
+        Applied::Written(after) => {
+            ctx.sync_writes.record(&sync.uid().unwrap_or_default(), rv, after, st.clone());
+            Ok(action)
+        }
         Applied::Gone => Ok(Action::await_change()),
         Applied::Conflict => {
             ctx.metrics.status_conflicts.inc();

@@ -100,6 +100,10 @@ pub struct Context {
     pub tasks: Mutex<HashMap<String, RunTask>>,
     /// The cached runs of each sync (the shared run watch keeps it).
     pub runs: Arc<cache::RunIndex>,
+    /// FhirSubscriptionSyncs whose first status write already waited once.
+    pub deferred: Mutex<std::collections::HashSet<String>>,
+    /// The last status this process wrote to each BulkExportSync.
+    pub sync_writes: status::OwnWrites<crate::api::BulkExportSyncStatus>,
     /// When each FhirSubscriptionSync (by uid) was last verified in this process.
     pub verifications: Mutex<HashMap<String, std::time::Instant>>,
     pub shutdown: CancellationToken,
@@ -141,6 +145,11 @@ impl Context {
             }
             None => None,
         }
+    }
+
+    /// Whether a first status write of `uid` may wait for one more look (once per object and process).
+    pub fn defer_first_write(&self, uid: &str) -> bool {
+        self.deferred.lock().unwrap_or_else(|p| p.into_inner()).insert(uid.to_string())
     }
 
     /// Records a verification now.
@@ -216,6 +225,8 @@ async fn run_inner(args: RunArgs) -> Result<(), Error> {
         tasks: Mutex::new(HashMap::new()),
         runs: Arc::default(),
         verifications: Mutex::default(),
+        sync_writes: Default::default(),
+        deferred: Mutex::default(),
         shutdown: shutdown.clone(),
     });
     let result = if args.leader_elect {

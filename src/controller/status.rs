@@ -44,3 +44,42 @@ where
         Err(e) => Err(e),
     }
 }
+
+/// What this process last wrote to each object's status, so a reconcile on a cached copy older than
+/// its own last write decides on what it wrote (the watch delivers our own writes late when the API
+/// server is busy; deciding on the older copy would repeat work and end in a conflict).
+pub struct OwnWrites<S> {
+    writes: std::sync::Mutex<std::collections::HashMap<String, Write<S>>>,
+}
+
+struct Write<S> {
+    /// The resourceVersion the write was guarded by, and the one it produced.
+    before: Option<String>,
+    after: Option<String>,
+    status: S,
+}
+
+impl<S> Default for OwnWrites<S> {
+    fn default() -> Self {
+        Self { writes: std::sync::Mutex::default() }
+    }
+}
+
+impl<S: Clone> OwnWrites<S> {
+    /// When the cached copy (at `cached_rv`) predates this process's last write to `uid`: that
+    /// write's resourceVersion and status.
+    pub fn newer(&self, uid: &str, cached_rv: Option<&str>) -> Option<(Option<String>, S)> {
+        let m = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(uid).filter(|w| w.before.as_deref() == cached_rv).map(|w| (w.after.clone(), w.status.clone()))
+    }
+
+    /// Records a write.
+    pub fn record(&self, uid: &str, before: Option<String>, after: Option<String>, status: S) {
+        self.writes.lock().unwrap_or_else(|p| p.into_inner()).insert(uid.to_string(), Write { before, after, status });
+    }
+
+    /// Forgets an object (deleted).
+    pub fn forget(&self, uid: &str) {
+        self.writes.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
+    }
+}

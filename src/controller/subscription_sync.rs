@@ -219,9 +219,7 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
             return Ok(retry_soon);
         }
     };
-    for (what, list) in
-        [("Created", &outcome.created), ("Updated", &outcome.updated), ("Rerequested", &outcome.rerequested)]
-    {
+    for (what, list) in [("Updated", &outcome.updated), ("Rerequested", &outcome.rerequested)] {
         for c in list {
             ctx.event(
                 obj.as_ref(),
@@ -232,6 +230,9 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
             )
             .await;
         }
+    }
+    for c in &outcome.created {
+        tracing::info!(fss = %format!("{ns}/{name}"), criteria = %c, "created a Subscription on the source");
     }
     for id in &outcome.deleted {
         ctx.event(
@@ -331,7 +332,12 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
             gen_,
         );
         set_condition(&mut st.conditions, types::DEGRADED, false, "Requested", "waiting for the source", gen_);
-        retry_soon
+        // sources activate within seconds: look again soon — and a first status that would only
+        // say "requested" waits for that look (one write instead of two)
+        if before.observed_generation.is_none() && ctx.defer_first_write(&uid) {
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+        Action::requeue(verify.min(Duration::from_secs(5)))
     } else {
         set_condition(
             &mut st.conditions,
@@ -352,6 +358,7 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
 
 async fn cleanup(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.verifications.lock().unwrap_or_else(|p| p.into_inner()).remove(&obj.uid().unwrap_or_default());
+    ctx.deferred.lock().unwrap_or_else(|p| p.into_inner()).remove(&obj.uid().unwrap_or_default());
     let ns = obj.namespace().unwrap_or_default();
     let name = obj.name_any();
     let api: Api<FhirSubscriptionSync> = Api::namespaced(ctx.client.clone(), &ns);

@@ -249,10 +249,33 @@ impl Request {
 
 const MAX_REDIRECTS: usize = 10;
 
-/// Builds the underlying HTTP client for a configuration: TLS roots, client certificate, timeouts, no
-/// automatic redirects (they are followed by [`HttpClient::send`]), the address policy on every
-/// resolved address, proxies from the environment.
+/// The underlying HTTP client for a configuration, shared by every server with the same TLS,
+/// timeouts and address policy: building one loads the system's root certificates (hundreds of
+/// kilobytes and a few milliseconds each time), and a shared one shares its connection pool.
 pub fn build_reqwest(cfg: &ClientConfig) -> Result<reqwest::Client, Error> {
+    use std::collections::HashMap;
+    use std::hash::{Hash, Hasher};
+    use std::sync::{Mutex, OnceLock};
+    static CLIENTS: OnceLock<Mutex<HashMap<u64, reqwest::Client>>> = OnceLock::new();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (&cfg.ca_pem, &cfg.client_identity_pem, cfg.insecure_skip_verify, cfg.connect_timeout, cfg.idle_timeout)
+        .hash(&mut h);
+    cfg.policy.allow_link_local.hash(&mut h);
+    let key = h.finish();
+    let cache = CLIENTS.get_or_init(Mutex::default);
+    if let Some(c) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Ok(c.clone());
+    }
+    let client = build_reqwest_uncached(cfg)?;
+    let mut m = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if m.len() >= 256 {
+        m.clear(); // bounded: so many distinct settings are rare; the next builds refill it
+    }
+    m.insert(key, client.clone());
+    Ok(client)
+}
+
+fn build_reqwest_uncached(cfg: &ClientConfig) -> Result<reqwest::Client, Error> {
     crate::net::init_tls();
     let mut b = reqwest::Client::builder()
         .tls_backend_rustls()

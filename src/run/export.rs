@@ -48,7 +48,10 @@ impl Engine {
         }
         if mem.source_lock.is_none() {
             let key = format!("source:{}", self.setup.source_key);
-            mem.source_lock = Some(self.queue(st, progress, &key, "an export on the same source and credential").await);
+            let capacity = self.setup.source_capacity;
+            mem.source_lock = Some(
+                self.queue(st, progress, &key, capacity, "an export slot on the same source and credential").await,
+            );
         }
         if st.kickoff_time.is_some() && st.export_status_url.is_none() && !mem.kickoff_intent {
             // recorded by a process that stopped before the answer came
@@ -106,15 +109,19 @@ impl Engine {
         st: &mut BulkExportRunStatus,
         progress: &watch::Sender<BulkExportRunStatus>,
         key: &str,
+        capacity: usize,
         what: &str,
     ) -> super::locks::LockGuard {
         let g = self
             .locks
-            .acquire(key, &self.id, |p| {
+            .acquire(key, &self.id, capacity, |p| {
+                let place = match p.ahead {
+                    0 => "next in line".to_string(),
+                    n => format!("{n} runs ahead"),
+                };
                 let message = format!(
-                    "waiting: {} ahead in the queue for {what} ({}holds it now; one at a time)",
-                    p.ahead,
-                    p.holder.as_ref().map(|h| format!("run {h} ")).unwrap_or_default()
+                    "waiting for {what}: {place} ({}{capacity} at a time)",
+                    p.holder.as_ref().map(|h| format!("run {h} holds one; ")).unwrap_or_default()
                 );
                 progress.send_modify(|s| {
                     s.queue_position = Some(p.ahead as u32);

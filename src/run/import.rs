@@ -72,7 +72,7 @@ impl Engine {
         }
         if mem.pathling_lock.is_none() {
             let key = format!("pathling:{}", self.setup.pathling_key);
-            mem.pathling_lock = Some(self.queue(st, progress, &key, "an import into the same Pathling").await);
+            mem.pathling_lock = Some(self.queue(st, progress, &key, 1, "Pathling's one import slot").await);
         }
         let pathling = &self.setup.pathling;
         let Some(job) = st.import_job_url.clone() else {

@@ -1,7 +1,7 @@
-//! In-process exclusive locks keyed by a string (one export per source credential, one import per
-//! Pathling), granted first come, first served. A waiter sleeps until the lock frees (no polling) and
-//! learns its position in the queue whenever it changes; a waiter that gives up (its future dropped)
-//! leaves the queue.
+//! In-process locks keyed by a string, each held by at most `capacity` holders at once (exports per
+//! source credential, one import per Pathling), granted first come, first served. A waiter sleeps
+//! until a slot frees (no polling) and learns its position in the queue whenever it changes; a waiter
+//! that gives up (its future dropped) leaves the queue.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -21,7 +21,7 @@ struct Inner {
 }
 
 struct Key {
-    holder: Option<(u64, String)>,
+    holders: Vec<(u64, String)>,
     waiters: VecDeque<(u64, String)>,
     changed: watch::Sender<()>,
 }
@@ -29,9 +29,9 @@ struct Key {
 /// Where a waiter stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Position {
-    /// Waiters ahead of this one, plus the holder.
+    /// Waiters ahead of this one.
     pub ahead: usize,
-    /// Who holds the lock now.
+    /// Who holds the lock now (one of the holders).
     pub holder: Option<String>,
 }
 
@@ -79,19 +79,25 @@ impl KeyedLocks {
     fn leave(&self, key: &str, ticket: u64) {
         let mut g = self.lock();
         let Some(k) = g.keys.get_mut(key) else { return };
-        if k.holder.as_ref().is_some_and(|(t, _)| *t == ticket) {
-            k.holder = None;
-        }
+        k.holders.retain(|(t, _)| *t != ticket);
         k.waiters.retain(|(t, _)| *t != ticket);
         k.changed.send_replace(());
-        if k.holder.is_none() && k.waiters.is_empty() {
+        if k.holders.is_empty() && k.waiters.is_empty() {
             g.keys.remove(key);
         }
     }
 
-    /// Waits for `key` in FIFO order and takes it for `holder`. `on_wait` is called with the waiter's
-    /// position whenever it changes (not when the lock is free at once).
-    pub async fn acquire(&self, key: &str, holder: &str, mut on_wait: impl FnMut(&Position)) -> LockGuard {
+    /// Waits for a slot of `key` (at most `capacity` holders) in FIFO order and takes it for
+    /// `holder`. `on_wait` is called with the waiter's position whenever it changes (not when a slot
+    /// is free at once).
+    pub async fn acquire(
+        &self,
+        key: &str,
+        holder: &str,
+        capacity: usize,
+        mut on_wait: impl FnMut(&Position),
+    ) -> LockGuard {
+        let capacity = capacity.max(1);
         let (ticket, mut rx) = {
             let mut g = self.lock();
             g.next_ticket += 1;
@@ -110,18 +116,15 @@ impl KeyedLocks {
                 if !k.waiters.iter().any(|(t, _)| *t == ticket) {
                     k.waiters.push_back((ticket, holder.to_string()));
                 }
-                if k.holder.is_none() && k.waiters.front().is_some_and(|(t, _)| *t == ticket) {
-                    let (t, h) = k.waiters.pop_front().unwrap_or((ticket, holder.to_string()));
-                    k.holder = Some((t, h));
+                if k.holders.len() < capacity && k.waiters.front().is_some_and(|(t, _)| *t == ticket) {
+                    let entry = k.waiters.pop_front().unwrap_or((ticket, holder.to_string()));
+                    k.holders.push(entry);
                     k.changed.send_replace(());
                     waiting.armed = false;
                     return LockGuard { locks: self.clone(), key: key.to_string(), ticket };
                 }
                 let idx = k.waiters.iter().position(|(t, _)| *t == ticket).unwrap_or(0);
-                Position {
-                    ahead: idx + usize::from(k.holder.is_some()),
-                    holder: k.holder.as_ref().map(|(_, h)| h.clone()),
-                }
+                Position { ahead: idx, holder: k.holders.first().map(|(_, h)| h.clone()) }
             };
             if last.as_ref() != Some(&pos) {
                 on_wait(&pos);
@@ -134,23 +137,23 @@ impl KeyedLocks {
         }
     }
 
-    /// Takes `key` if it is free and nobody waits; otherwise returns the holder.
+    /// Takes `key` if it is free and nobody waits; otherwise returns a holder.
     pub fn try_lock(&self, key: &str, holder: &str) -> Result<LockGuard, String> {
         let mut g = self.lock();
         if let Some(k) = g.keys.get(key) {
-            return Err(k.holder.as_ref().or(k.waiters.front()).map(|(_, h)| h.clone()).unwrap_or_default());
+            return Err(k.holders.first().or(k.waiters.front()).map(|(_, h)| h.clone()).unwrap_or_default());
         }
         g.next_ticket += 1;
         let ticket = g.next_ticket;
         let mut k = new_key();
-        k.holder = Some((ticket, holder.to_string()));
+        k.holders.push((ticket, holder.to_string()));
         g.keys.insert(key.to_string(), k);
         Ok(LockGuard { locks: self.clone(), key: key.to_string(), ticket })
     }
 }
 
 fn new_key() -> Key {
-    Key { holder: None, waiters: VecDeque::new(), changed: watch::channel(()).0 }
+    Key { holders: Vec::new(), waiters: VecDeque::new(), changed: watch::channel(()).0 }
 }
 
 #[cfg(test)]
@@ -171,14 +174,14 @@ mod tests {
     #[tokio::test]
     async fn first_come_first_served_with_positions() {
         let l = KeyedLocks::default();
-        let g1 = l.acquire("p", "r1", |_| {}).await;
+        let g1 = l.acquire("p", "r1", 1, |_| {}).await;
         let order = Arc::new(Mutex::new(vec![]));
         let positions = Arc::new(Mutex::new(vec![]));
         let mut tasks = vec![];
         for i in 2..=4 {
             let (l, order, positions) = (l.clone(), order.clone(), positions.clone());
             tasks.push(tokio::spawn(async move {
-                let g = l.acquire("p", &format!("r{i}"), |p| positions.lock().unwrap().push((i, p.ahead))).await;
+                let g = l.acquire("p", &format!("r{i}"), 1, |p| positions.lock().unwrap().push((i, p.ahead))).await;
                 order.lock().unwrap().push(i);
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 drop(g);
@@ -186,7 +189,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await; // queue in order 2, 3, 4
         }
         // a waiter that gives up leaves the queue
-        let quitter = tokio::time::timeout(Duration::from_millis(10), l.acquire("p", "r5", |_| {})).await;
+        let quitter = tokio::time::timeout(Duration::from_millis(10), l.acquire("p", "r5", 1, |_| {})).await;
         assert!(quitter.is_err());
         drop(g1);
         for t in tasks {
@@ -194,7 +197,19 @@ mod tests {
         }
         assert_eq!(*order.lock().unwrap(), vec![2, 3, 4]);
         let p = positions.lock().unwrap().clone();
-        assert!(p.contains(&(4, 3)) && p.contains(&(4, 2)) && p.contains(&(4, 1)), "{p:?}");
+        assert!(p.contains(&(4, 2)) && p.contains(&(4, 1)) && p.contains(&(4, 0)), "{p:?}");
         assert!(l.try_lock("p", "r6").is_ok(), "the queue is empty again");
+    }
+
+    #[tokio::test]
+    async fn a_capacity_admits_that_many_at_once() {
+        let l = KeyedLocks::default();
+        let a = l.acquire("s", "a", 2, |_| {}).await;
+        let _b = l.acquire("s", "b", 2, |_| {}).await;
+        let third = tokio::time::timeout(Duration::from_millis(10), l.acquire("s", "c", 2, |_| {})).await;
+        assert!(third.is_err(), "a third waits");
+        drop(a);
+        let c = tokio::time::timeout(Duration::from_millis(100), l.acquire("s", "c", 2, |_| {})).await;
+        assert!(c.is_ok(), "and gets the freed slot");
     }
 }

@@ -183,6 +183,8 @@ pub struct RunSetup {
     pub max_parallel: usize,
     pub values: TemplateValues,
     pub source_key: String,
+    /// Exports at once on the source with this credential (the fair queue's capacity).
+    pub source_capacity: usize,
     pub pathling_key: String,
     pub insecure_tls: bool,
 }
@@ -288,6 +290,7 @@ pub async fn setup(
         max_parallel: t.max_parallel_downloads.clamp(1, 64) as usize,
         values: *values,
         source_key: src.key,
+        source_capacity: t.source.max_concurrent_exports.clamp(1, 64) as usize,
         pathling_key: t.target.url.trim_end_matches('/').to_string(),
         insecure_tls: src.insecure || tgt.insecure,
     })

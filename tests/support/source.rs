@@ -99,6 +99,8 @@ pub struct SourceConfig {
     pub huge_error_line: Option<u64>,
     /// Output file 0 is a gzip bomb: this many MiB of 'a' once decompressed.
     pub gzip_bomb_mib: Option<u32>,
+    /// Exports the source runs at once (more get 429, like Epic with 1).
+    pub export_slots: i32,
 }
 
 impl Default for SourceConfig {
@@ -133,6 +135,7 @@ impl Default for SourceConfig {
             endless_manifest: None,
             huge_error_line: None,
             gzip_bomb_mib: None,
+            export_slots: 1,
         }
     }
 }
@@ -379,7 +382,7 @@ fn kickoff_inner(
     if let Some((code, msg)) = i.cfg.kickoff_error.clone() {
         return (StatusCode::from_u16(code).unwrap(), outcome("error", "exception", &msg)).into_response();
     }
-    if i.log.active_exports > 0 {
+    if i.log.active_exports >= i.cfg.export_slots {
         // like Epic/Cerner: one export in flight per client
         return (
             StatusCode::TOO_MANY_REQUESTS,
