@@ -134,9 +134,7 @@ async fn operator_metric(admin: &str, name: &str) -> f64 {
     }
 }
 
-fn is_ready<K: kube::Resource>(
-    conditions: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>,
-) -> bool {
+fn is_ready(conditions: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>) -> bool {
     conditions.is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
@@ -237,8 +235,11 @@ async fn main() {
 
     // watch both kinds until every object is Ready (two watches: the benchmark's only reads)
     let mut ready: HashMap<String, bool> = HashMap::new();
-    let s_stream = watcher::watcher(syncs.clone(), Default::default()).applied_objects().map(|r| r.map(Obj::Sync));
-    let f_stream = watcher::watcher(fss.clone(), Default::default()).applied_objects().map(|r| r.map(Obj::Fss));
+    let s_stream = watcher::watcher(syncs.clone(), Default::default())
+        .applied_objects()
+        .map(|r| r.map(|o| Obj::Sync(Box::new(o))));
+    let f_stream =
+        watcher::watcher(fss.clone(), Default::default()).applied_objects().map(|r| r.map(|o| Obj::Fss(Box::new(o))));
     let mut merged = futures::stream::select(s_stream.boxed(), f_stream.boxed());
     let deadline = Instant::now() + Duration::from_secs(arg("--timeout", 1800));
     while ready.values().filter(|r| **r).count() < 2 * n {
@@ -252,13 +253,8 @@ async fn main() {
             }
         };
         let (key, r) = match o {
-            Obj::Sync(s) => {
-                (format!("s/{}", s.name_any()), is_ready::<BulkExportSync>(s.status.as_ref().map(|s| &s.conditions)))
-            }
-            Obj::Fss(f) => (
-                format!("f/{}", f.name_any()),
-                is_ready::<FhirSubscriptionSync>(f.status.as_ref().map(|s| &s.conditions)),
-            ),
+            Obj::Sync(s) => (format!("s/{}", s.name_any()), is_ready(s.status.as_ref().map(|s| &s.conditions))),
+            Obj::Fss(f) => (format!("f/{}", f.name_any()), is_ready(f.status.as_ref().map(|s| &s.conditions))),
         };
         ready.insert(key, r);
     }
@@ -330,6 +326,6 @@ async fn main() {
 }
 
 enum Obj {
-    Sync(BulkExportSync),
-    Fss(FhirSubscriptionSync),
+    Sync(Box<BulkExportSync>),
+    Fss(Box<FhirSubscriptionSync>),
 }
