@@ -220,7 +220,8 @@ pub struct BulkExportRunStatus {
     /// export on the source that fhirsync cannot find or release (Bulk Data offers no way to).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub lost_kickoffs: u32,
-    /// While the run waits for its source or its Pathling: runs ahead of it in the queue.
+    /// While the run waits for its source or its Pathling: runs ahead of it in the queue, shown in
+    /// steps (0, 1, then fewer than 10, 100, 1000, …) so a long queue does not rewrite every status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<u32>,
     /// What is happening, or what went wrong and how to fix it.

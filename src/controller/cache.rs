@@ -23,6 +23,15 @@ pub fn slim<K: Resource>(o: &mut K) {
     o.annotations_mut().remove(LAST_APPLIED);
 }
 
+/// [`slim`], and a finished run's template: runs stay cached up to `historyLimit` per sync, and only
+/// an unfinished run's task reads its template from the cache (cleanup reads the run anew).
+pub fn slim_run(r: &mut BulkExportRun) {
+    slim(r);
+    if r.status.as_ref().is_some_and(|s| s.phase.is_finished()) {
+        r.spec.template = None;
+    }
+}
+
 /// A hash of what reconciling an object depends on besides its status: generation, finalizers,
 /// deletion, and fhirsync's annotations. Status writes leave it unchanged.
 pub fn not_status<K: Resource>(o: &K) -> Option<u64> {
@@ -116,7 +125,7 @@ pub fn run_watch(
     let scope = ns.clone();
     let mut relist: Option<HashSet<ObjectRef<BulkExportRun>>> = None;
     let root = watcher(api)
-        .modify(slim)
+        .modify(slim_run)
         .map_ok(move |ev| {
             match &ev {
                 Event::Apply(r) => index.insert(r),

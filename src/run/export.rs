@@ -12,6 +12,14 @@ use super::{Engine, Failure, Memory, Next, Reason, finish::job_is_dead, now};
 use crate::api::{BulkExportRunStatus, Phase};
 use crate::fhir::bulk::Poll;
 
+/// The place in a queue as shown: exact up to 1, then the next power of ten above it.
+pub fn queue_bound(ahead: usize) -> u32 {
+    match ahead {
+        0 | 1 => ahead as u32,
+        n => 10u32.saturating_pow((n as f64).log10().floor() as u32 + 1),
+    }
+}
+
 /// Kick-offs lost in crashes before a run gives up (each may have left an export on the source).
 pub const MAX_LOST_KICKOFFS: u32 = 3;
 
@@ -112,19 +120,25 @@ impl Engine {
         capacity: usize,
         what: &str,
     ) -> super::locks::LockGuard {
+        let mut shown = None;
         let g = self
             .locks
             .acquire(key, &self.id, capacity, |p| {
-                let place = match p.ahead {
+                // the place in coarse steps: with a thousand runs queued, an exact place would
+                // change (and be written) for every run at every turn of the queue
+                let bound = queue_bound(p.ahead);
+                if shown == Some(bound) {
+                    return;
+                }
+                shown = Some(bound);
+                let place = match bound {
                     0 => "next in line".to_string(),
-                    n => format!("{n} runs ahead"),
+                    1 => "1 run ahead".to_string(),
+                    n => format!("fewer than {n} runs ahead"),
                 };
-                let message = format!(
-                    "waiting for {what}: {place} ({}{capacity} at a time)",
-                    p.holder.as_ref().map(|h| format!("run {h} holds one; ")).unwrap_or_default()
-                );
+                let message = format!("waiting for {what}: {place} ({capacity} at a time)");
                 progress.send_modify(|s| {
-                    s.queue_position = Some(p.ahead as u32);
+                    s.queue_position = Some(bound);
                     s.message = Some(message.clone());
                 });
                 st.message = Some(message);
@@ -180,5 +194,20 @@ impl Engine {
                 self.on_error(st, mem, a, &e)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::queue_bound;
+
+    #[test]
+    fn queue_places_move_in_few_steps() {
+        let table = [(0, 0), (1, 1), (2, 10), (9, 10), (10, 100), (99, 100), (100, 1000), (999, 1000), (1000, 10000)];
+        for (ahead, shown) in table {
+            assert_eq!(queue_bound(ahead), shown, "{ahead}");
+        }
+        let steps: std::collections::BTreeSet<u32> = (0..1000).map(queue_bound).collect();
+        assert_eq!(steps.len(), 5, "a run queued behind 999 others writes its place 5 times");
     }
 }
