@@ -189,7 +189,7 @@ async fn deletions_that_walk_paths_are_never_sent() {
     assert_eq!(st.phase, Phase::Succeeded, "{}", message(&st));
     assert_eq!(st.deleted, 1);
     assert_eq!(env.pathling.log().resource_deletes, vec!["Patient/gone-1".to_string()]);
-    assert!(message(&st).contains("skipped 3 deleted[] entries"), "{}", message(&st));
+    assert!(message(&st).contains("skipped 3 entries that are not Type/id"), "{}", message(&st));
 }
 
 #[tokio::test]

@@ -112,7 +112,8 @@ pub struct PathlingTarget {
     /// `$import` saveMode, sent explicitly: merge (default), overwrite, append, ignore or error.
     #[serde(default)]
     pub save_mode: SaveMode,
-    /// Replay the export's `deleted[]` entries as DELETEs on Pathling.
+    /// Apply the deletions of each run's window on Pathling: from the export manifest's `deleted[]`,
+    /// else from the source's history.
     #[serde(default = "yes")]
     pub apply_deletes: bool,
 }
@@ -350,9 +351,12 @@ pub struct RunSummary {
     /// Resources imported, by type.
     #[serde(default)]
     pub resources: BTreeMap<String, i64>,
-    /// Deletions replayed.
+    /// Deletions applied.
     #[serde(default)]
     pub deleted: i64,
+    /// Where that run found its deletions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_source: Option<super::run::DeletionSource>,
 }
 
 /// Observed state of a BulkExportSync.

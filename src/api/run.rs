@@ -133,7 +133,7 @@ pub enum Phase {
     Transferring,
     /// Pathling `$import` running.
     Importing,
-    /// Replaying `deleted[]` as DELETEs.
+    /// Applying the window's deletions (from the manifest's `deleted[]` or the source's history).
     Deleting,
     /// Finished successfully (possibly with export errors, see exportErrors).
     Succeeded,
@@ -145,6 +145,36 @@ impl Phase {
     /// Whether the run has ended.
     pub fn is_finished(self) -> bool {
         matches!(self, Phase::Succeeded | Phase::Failed)
+    }
+}
+
+/// Where a run found the deletions of its window, best first.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum DeletionSource {
+    /// The export manifest's `deleted[]` (the SMART reference server fills it).
+    Manifest,
+    /// The source's history (`_history?_since=`), for sources whose manifests list none (Helios,
+    /// HAPI, Medplum).
+    History,
+    /// The source offers neither: resources deleted there stay in Pathling until a verification with
+    /// repair removes them.
+    Unavailable,
+    /// A full export: there is no window (resources deleted before it are found by a verification).
+    FullExport,
+    /// `target.applyDeletes` is false.
+    Disabled,
+}
+
+impl DeletionSource {
+    /// The name used in status and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeletionSource::Manifest => "Manifest",
+            DeletionSource::History => "History",
+            DeletionSource::Unavailable => "Unavailable",
+            DeletionSource::FullExport => "FullExport",
+            DeletionSource::Disabled => "Disabled",
+        }
     }
 }
 
@@ -204,9 +234,16 @@ pub struct BulkExportRunStatus {
     /// Lines in the manifest's error[] files.
     #[serde(default)]
     pub export_errors: i64,
-    /// Deletions replayed on Pathling.
+    /// Deletions applied on Pathling.
     #[serde(default)]
     pub deleted: i64,
+    /// Where the run found the deletions of its window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_source: Option<DeletionSource>,
+    /// Some deletions of the window could not be read from the source: the watermark stays, so the
+    /// next run looks for them again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deletions_incomplete: bool,
     /// Pathling's `$job` URL of the import.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub import_job_url: Option<String>,

@@ -448,31 +448,47 @@ async fn fold(
             transaction_time: rs.transaction_time.clone(),
             resources: rs.resources.clone(),
             deleted: rs.deleted,
+            deletion_source: rs.deletion_source,
         });
         let msg = format!(
             "run {} imported {total} resources{}",
             run.name_any(),
-            if rs.deleted > 0 { format!(" and replayed {} deletions", rs.deleted) } else { String::new() }
+            if rs.deleted > 0 { format!(" and applied {} deletions", rs.deleted) } else { String::new() }
         );
         set_condition(&mut st.conditions, types::READY, true, "Succeeded", msg, gen_);
-        if rs.export_errors > 0 {
-            let held = match (&st.watermark, moved) {
-                (_, true) => String::new(),
-                (Some(w), false) => {
-                    format!(" The watermark stays at {} so the next run fetches again what failed.", w.0)
-                }
-                (None, false) => " The next run is a full export again, to fetch what failed.".into(),
-            };
-            set_condition(
-                &mut st.conditions,
-                types::DEGRADED,
-                true,
+        let held = match (&st.watermark, moved) {
+            (_, true) => String::new(),
+            (Some(w), false) => format!(" The watermark stays at {} so the next run fetches again what failed.", w.0),
+            (None, false) => " The next run is a full export again, to fetch what failed.".into(),
+        };
+        let run_degraded = rs
+            .conditions
+            .iter()
+            .find(|c| c.type_ == types::DEGRADED && c.status == "True")
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        let degraded = if rs.export_errors > 0 {
+            Some((
                 "PartialExport",
                 format!("run {}: the source reported {} export errors.{held}", run.name_any(), rs.export_errors),
-                gen_,
-            );
+            ))
+        } else if rs.deletions_incomplete {
+            Some(("DeletionsIncomplete", format!("run {}: {run_degraded}", run.name_any())))
+        } else if rs.deletion_source == Some(crate::api::DeletionSource::Unavailable) {
+            Some(("DeletionsUnavailable", format!("run {}: {run_degraded}", run.name_any())))
         } else {
-            set_condition(&mut st.conditions, types::DEGRADED, false, "Succeeded", "the last run succeeded", gen_);
+            None
+        };
+        match degraded {
+            Some((reason, msg)) => {
+                if reason != "PartialExport" {
+                    ctx.event(sync, EventType::Warning, reason, "Run", msg.clone()).await;
+                }
+                set_condition(&mut st.conditions, types::DEGRADED, true, reason, msg, gen_);
+            }
+            None => {
+                set_condition(&mut st.conditions, types::DEGRADED, false, "Succeeded", "the last run succeeded", gen_);
+            }
         }
     } else {
         let reason = rs.reason.clone().filter(|r| !r.is_empty()).unwrap_or_else(|| "RunFailed".into());

@@ -41,8 +41,9 @@ pub fn job_is_dead(progress: &str) -> bool {
 }
 
 impl Engine {
-    /// Succeeded: staged files removed, counts and message recorded.
-    pub(super) async fn finish(&self, st: &mut BulkExportRunStatus, mem: &mut Memory, malformed_deletes: i64) {
+    /// Succeeded: staged files removed, counts and message recorded (`deletions` says what the
+    /// deletion phase did, as a phrase that follows "imported N resources from F files").
+    pub(super) async fn finish(&self, st: &mut BulkExportRunStatus, mem: &mut Memory, deletions: &str) {
         if let Some(s) = &self.setup.staging
             && let Err(e) = s.remove_all(&self.uid).await
         {
@@ -57,16 +58,10 @@ impl Engine {
         st.queue_position = None;
         st.resource_count = Some(st.resources.values().sum());
         let files = st.files.as_ref().map(|f| f.staged).unwrap_or(0);
-        let mut msg = format!("imported {} resources from {files} files", st.resource_count.unwrap_or(0));
-        if st.deleted > 0 {
-            msg.push_str(&format!(", replayed {} deletions", st.deleted));
-        }
-        if malformed_deletes > 0 {
-            msg.push_str(&format!("; skipped {malformed_deletes} deleted[] entries that are not Type/id"));
-        }
+        let msg = format!("imported {} resources from {files} files{deletions}", st.resource_count.unwrap_or(0));
         set_condition(&mut st.conditions, types::COMPLETE, true, "Succeeded", &msg, None);
         let mut full = match get_condition(&st.conditions, types::DEGRADED) {
-            Some(d) if st.export_errors > 0 => format!("{msg}. {}", d.message),
+            Some(d) if d.status == "True" => format!("{msg}. {}", d.message),
             _ => msg,
         };
         crate::text::cut_bytes(&mut full, MESSAGE_MAX);

@@ -30,6 +30,7 @@ pub mod locks;
 pub mod names;
 pub mod policy;
 pub mod preflight;
+pub mod presence;
 pub mod resolve;
 pub mod transfer;
 
@@ -105,7 +106,7 @@ impl Engine {
             Phase::Exporting => self.poll_export(st, mem).await,
             Phase::Transferring => self.transfer(st, mem, progress).await,
             Phase::Importing => self.import(st, mem, progress).await,
-            Phase::Deleting => self.deletes(st, mem).await,
+            Phase::Deleting => self.deletes(st, mem, progress).await,
             Phase::Succeeded | Phase::Failed => Ok(Next::Done),
         };
         match r {

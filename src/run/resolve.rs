@@ -177,6 +177,8 @@ pub struct RunSetup {
     pub pathling: PathlingClient,
     pub staging: Option<Arc<dyn Staging>>,
     pub export: ExportRequest,
+    /// The run's `_since` (absent: a full export).
+    pub since: Option<jiff::Timestamp>,
     pub source_url: String,
     pub save_mode: String,
     pub apply_deletes: bool,
@@ -284,6 +286,7 @@ pub async fn setup(
         pathling: PathlingClient::new(tgt.client),
         staging,
         export,
+        since,
         source_url: t.source.url.clone(),
         save_mode: t.target.save_mode.code().to_string(),
         apply_deletes: t.target.apply_deletes && t.staging.ping_and_pull.is_none(),

@@ -120,7 +120,7 @@ pub fn due(sync: &str, schedule: Option<&Schedule>, suspend: bool, h: &History, 
 pub enum WatermarkMove {
     /// The run brought everything since its `_since`: the watermark moves here.
     To(Timestamp),
-    /// The run failed, or its export reported errors: the watermark stays, so the next run fetches
+    /// The run failed, its export reported errors, or some deletions could not be read: the watermark stays, so the next run fetches
     /// again what this one did not bring (`merge` makes the overlap harmless).
     Stays,
 }
@@ -128,7 +128,7 @@ pub enum WatermarkMove {
 /// The watermark after a finished run: `min(transactionTime, kick-off time) − overlap` for a run that
 /// succeeded without export errors, never earlier than the current one; else unchanged.
 pub fn watermark_after(run: &BulkExportRunStatus, current: Option<Timestamp>, overlap: Duration) -> WatermarkMove {
-    if run.phase != Phase::Succeeded || run.export_errors > 0 {
+    if run.phase != Phase::Succeeded || run.export_errors > 0 || run.deletions_incomplete {
         return WatermarkMove::Stays;
     }
     let Some(k) = run.kickoff_time.as_ref().map(|t| t.0) else { return WatermarkMove::Stays };

@@ -9,6 +9,7 @@ pub mod pathling;
 pub mod s3;
 pub mod smart;
 pub mod source;
+pub mod source_rest;
 pub mod tls;
 pub mod world;
 

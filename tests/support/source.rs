@@ -101,6 +101,8 @@ pub struct SourceConfig {
     pub gzip_bomb_mib: Option<u32>,
     /// Exports the source runs at once (more get 429, like Epic with 1).
     pub export_slots: i32,
+    /// History, searches by `_id` and reads.
+    pub rest: super::source_rest::RestConfig,
 }
 
 impl Default for SourceConfig {
@@ -136,6 +138,7 @@ impl Default for SourceConfig {
             huge_error_line: None,
             gzip_bomb_mib: None,
             export_slots: 1,
+            rest: Default::default(),
         }
     }
 }
@@ -172,6 +175,8 @@ pub struct SourceLog {
     pub unauthorized: u32,
     /// Authorization headers seen on file downloads and redirects (true = present).
     pub auth_headers: Vec<(String, bool)>,
+    /// History pages, searches and reads.
+    pub rest: super::source_rest::RestLog,
 }
 
 struct Job {
@@ -345,11 +350,26 @@ fn kickoff_inner(
         };
     }
     if rest == "metadata" {
+        let i = s.inner.lock().unwrap();
+        let types: Vec<String> = i.cfg.files.iter().map(|f| f.0.clone()).collect();
         let cs = json!({"resourceType": "CapabilityStatement", "status": "active", "kind": "instance", "fhirVersion": "4.0.1",
             "software": {"name": "fhirsync test source", "version": "1"},
             "instantiates": ["http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"],
-            "rest": [{"mode": "server", "operation": [{"name": "export"}, {"name": "patient-export"}, {"name": "group-export"}]}]});
+            "rest": [super::source_rest::capability_rest(&i.cfg.rest, &types)]});
         return (StatusCode::OK, [(header::CONTENT_TYPE, "application/fhir+json")], cs.to_string()).into_response();
+    }
+    if !rest.ends_with("$export") && method == "GET" {
+        if let Some(r) = unauthorized(s, &headers) {
+            return r;
+        }
+        let origin = s.origin();
+        let mut i = s.inner.lock().unwrap();
+        let Inner { cfg, log, .. } = &mut *i;
+        if let Some(r) =
+            super::source_rest::handle(&cfg.rest, &mut log.rest, &origin, &rest, q.as_deref().unwrap_or(""))
+        {
+            return r;
+        }
     }
     if !rest.ends_with("$export") {
         return (StatusCode::NOT_FOUND, outcome("error", "not-found", "unknown path")).into_response();
