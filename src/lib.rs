@@ -21,3 +21,4 @@ pub mod staging;
 pub mod sync;
 pub mod telemetry;
 pub mod text;
+pub mod verify;

@@ -257,6 +257,13 @@ pub const PNP_MSG: &str = "pingAndPull needs export.level System, target.applyDe
     printcolumn(name = "Last sync", type_ = "date", json_path = ".status.lastSuccessfulRun.finishedAt"),
     printcolumn(name = "Resources", type_ = "integer", json_path = ".status.lastRunResources"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "In sync",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"InSync\")].status",
+        priority = "1"
+    ),
+    printcolumn(name = "Verified", type_ = "date", json_path = ".status.drift.verifiedAt", priority = "1"),
     printcolumn(name = "Next run", type_ = "string", json_path = ".status.nextScheduleTime", priority = "1"),
     printcolumn(name = "Watermark", type_ = "string", json_path = ".status.watermark", priority = "1"),
     printcolumn(
@@ -315,6 +322,10 @@ pub struct BulkExportSyncSpec {
     /// Bounds on what one run may stage.
     #[serde(default)]
     pub limits: Limits,
+    /// Drift verification: compare the ids at the source with the ids in Pathling, on a schedule or
+    /// on demand, and repair what differs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<super::drift::VerifySpec>,
 }
 
 pub(crate) fn yes() -> bool {
@@ -406,4 +417,13 @@ pub struct BulkExportSyncStatus {
     /// When the preflight checks last ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_preflight: Option<Time>,
+    /// What the last verification found, and the repair of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<super::drift::Drift>,
+    /// The value of the `fhirsync.io/verify-now` annotation already acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handled_verify_now: Option<String>,
+    /// The last verify.schedule slot a verification was started for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verify_schedule_time: Option<Time>,
 }

@@ -13,6 +13,7 @@ pub mod types {
     pub const FAILED: &str = "Failed";
     pub const INSECURE_TLS: &str = "InsecureTLS";
     pub const PREFLIGHT: &str = "Preflight";
+    pub const IN_SYNC: &str = "InSync";
 }
 
 /// Schema of a `conditions` list: a map keyed by `type`, as `kubectl` and SSA expect.

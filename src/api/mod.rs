@@ -4,6 +4,7 @@ pub mod admission;
 pub mod bulk;
 pub mod common;
 pub mod conditions;
+pub mod drift;
 pub mod run;
 pub mod subscription;
 pub mod units;
@@ -11,6 +12,7 @@ pub mod validate;
 
 pub use bulk::*;
 pub use common::*;
+pub use drift::*;
 pub use run::*;
 pub use subscription::*;
 pub use units::{parse_duration, parse_quantity};

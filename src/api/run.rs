@@ -70,6 +70,12 @@ pub enum Trigger {
     /// Created by hand.
     #[default]
     Manual,
+    /// A drift verification (`spec.verify.schedule`, the `fhirsync.io/verify-now` annotation, or a
+    /// check after a repair): compares ids, imports nothing.
+    Verify,
+    /// A repair: a full export of the types a verification found Pathling missing resources in; it
+    /// never moves the watermark.
+    Repair,
 }
 
 /// Reference to the BulkExportSync a run belongs to.
@@ -97,6 +103,7 @@ pub struct SyncRef {
     printcolumn(name = "Started", type_ = "date", json_path = ".status.startTime"),
     printcolumn(name = "Duration", type_ = "string", json_path = ".status.duration"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Trigger", type_ = "string", json_path = ".spec.trigger", priority = "1"),
     printcolumn(name = "Sync", type_ = "string", json_path = ".spec.syncRef.name", priority = "1"),
     printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress", priority = "1"),
     printcolumn(name = "Message", type_ = "string", json_path = ".status.message", priority = "1")
@@ -116,10 +123,13 @@ pub struct BulkExportRunSpec {
     /// when it starts). Edits of the sync never reach a run in flight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<RunTemplate>,
+    /// For trigger Verify: how the verification runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<super::drift::VerifyRun>,
 }
 
 /// The spec never changes, except that a missing template may be filled in once.
-pub const RUN_SPEC_IMMUTABLE: &str = "self == oldSelf || (!has(oldSelf.template) && has(self.template) && self.syncRef == oldSelf.syncRef && self.trigger == oldSelf.trigger && has(self.since) == has(oldSelf.since) && (!has(self.since) || self.since == oldSelf.since))";
+pub const RUN_SPEC_IMMUTABLE: &str = "self == oldSelf || (!has(oldSelf.template) && has(self.template) && self.syncRef == oldSelf.syncRef && self.trigger == oldSelf.trigger && has(self.since) == has(oldSelf.since) && (!has(self.since) || self.since == oldSelf.since) && has(self.verify) == has(oldSelf.verify) && (!has(self.verify) || self.verify == oldSelf.verify))";
 
 /// Phase of a run.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -135,6 +145,10 @@ pub enum Phase {
     Importing,
     /// Applying the window's deletions (from the manifest's `deleted[]` or the source's history).
     Deleting,
+    /// A verification compares the ids at the source with the ids in Pathling.
+    Verifying,
+    /// A verification deletes from Pathling what the source no longer has.
+    Repairing,
     /// Finished successfully (possibly with export errors, see exportErrors).
     Succeeded,
     /// Finished with an error; see message.
@@ -244,6 +258,9 @@ pub struct BulkExportRunStatus {
     /// next run looks for them again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deletions_incomplete: bool,
+    /// What a verification (trigger Verify) found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<super::drift::Drift>,
     /// Pathling's `$job` URL of the import.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub import_job_url: Option<String>,

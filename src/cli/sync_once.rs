@@ -226,6 +226,7 @@ async fn run_inner(args: &Args) -> Result<i32, CliError> {
         uid: run_state.uid.clone(),
         template: run_state.template.clone().unwrap_or_else(|| RunTemplate::from(&sync.spec)),
         since: run_state.since,
+        verify: None,
     };
     let deps = Deps { secrets, locks: KeyedLocks::default(), opts: Options::default(), backoff_scale: 1.0 };
     let mut status = run_state.status.clone();

@@ -239,6 +239,7 @@ async fn drive_run(cached: Arc<BulkExportRun>, ctx: Arc<Context>, cancel: Cancel
             uid: uid.clone(),
             template,
             since: run.spec.since.as_ref().map(|t| t.0),
+            verify: verify_of(&run.spec),
         };
         let (tx, rx) = watch::channel(st.clone());
         let stop_lazy = cancel.child_token();
@@ -339,6 +340,7 @@ async fn cleanup(run: Arc<BulkExportRun>, ctx: Arc<Context>) -> Result<Action, E
         uid,
         template,
         since: latest.spec.since.as_ref().map(|t| t.0),
+        verify: verify_of(&latest.spec),
     };
     let result = run::cancel(&inputs, &ctx.deps(), &mut st).await;
     if was_running {
@@ -379,4 +381,9 @@ async fn cleanup(run: Arc<BulkExportRun>, ctx: Arc<Context>) -> Result<Action, E
             Ok(Action::await_change())
         }
     }
+}
+
+/// What a verification run is told (a run made by hand with trigger Verify gets the defaults).
+fn verify_of(spec: &crate::api::BulkExportRunSpec) -> Option<crate::api::VerifyRun> {
+    (spec.trigger == crate::api::Trigger::Verify).then(|| spec.verify.clone().unwrap_or_default())
 }

@@ -50,6 +50,8 @@ fn phase_reason(p: Phase) -> &'static str {
         Phase::Transferring => "Transferring",
         Phase::Importing => "Importing",
         Phase::Deleting => "Deleting",
+        Phase::Verifying => "Verifying",
+        Phase::Repairing => "Repairing",
         Phase::Succeeded => "Succeeded",
         Phase::Failed => "Failed",
     }
@@ -272,6 +274,7 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
                     since: since.map(Time),
                     trigger: due.trigger,
                     template: Some(RunTemplate::from(&sync.spec)),
+                    verify: None,
                 },
                 status: None,
             };

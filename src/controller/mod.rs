@@ -45,6 +45,9 @@ pub struct RunArgs {
     /// Every staging.volume.path must lie under this directory.
     #[arg(long)]
     pub staging_root: Option<PathBuf>,
+    /// Where verifications of pingAndPull syncs (which have no staging area) spill sorted ids.
+    #[arg(long, env = "FHIRSYNC_SPILL_DIR")]
+    pub spill_dir: Option<PathBuf>,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -221,7 +224,7 @@ async fn run_inner(args: RunArgs) -> Result<(), Error> {
         metrics,
         locks: KeyedLocks::default(),
         secrets: Arc::new(KubeSecrets::new(client.clone())),
-        opts: Options { staging_root: args.staging_root.clone() },
+        opts: Options { staging_root: args.staging_root.clone(), spill_dir: args.spill_dir.clone() },
         tasks: Mutex::new(HashMap::new()),
         runs: Arc::default(),
         verifications: Mutex::default(),

@@ -87,7 +87,11 @@ impl Engine {
             });
             return Ok(Next::Continue); // stored before the kick-off is sent
         }
-        match self.setup.source.kickoff(&self.setup.export).await {
+        let mut req = self.setup.export.clone();
+        if mem.verify.full_export {
+            req.elements.clear();
+        }
+        match self.setup.source.kickoff(&req).await {
             Ok(url) => {
                 mem.streaks.ok();
                 st.export_status_url = Some(url);
@@ -98,6 +102,18 @@ impl Engine {
                 mem.waiting_since = Some(std::time::Instant::now());
                 // the first poll comes early: many jobs finish in a second (Helios says 120 s anyway)
                 Ok(Next::Wait(self.scaled(Duration::from_secs(1))))
+            }
+            Err(e)
+                if self.setup.verify.is_some()
+                    && !req.elements.is_empty()
+                    && matches!(e.status(), Some(400 | 422 | 501))
+                    && !e.to_string().to_ascii_lowercase().contains("concurrent") =>
+            {
+                // a source that refuses _elements: read the ids from a full export instead
+                tracing::info!(run = %self.id, error = %e, "the source refused _elements=id; verifying from a full export");
+                mem.verify.full_export = true;
+                st.message = Some("the source refused _elements: reading ids from a full export".into());
+                Ok(Next::Continue)
             }
             Err(e) => {
                 let a = Attempt {
@@ -179,8 +195,13 @@ impl Engine {
                 st.transaction_time = m.transaction_time.as_deref().and_then(|t| t.parse::<Timestamp>().ok()).map(Time);
                 st.progress = Some("export complete".into());
                 st.poll_attempts = 0;
-                st.phase = Phase::Transferring;
-                st.message = Some(format!("transferring {} files", m.output.len()));
+                if self.setup.verify.is_some() {
+                    st.phase = Phase::Verifying;
+                    st.message = Some(format!("reading ids from {} files", m.output.len()));
+                } else {
+                    st.phase = Phase::Transferring;
+                    st.message = Some(format!("transferring {} files", m.output.len()));
+                }
                 mem.manifest = Some(std::sync::Arc::new(*m));
                 Ok(Next::Continue)
             }

@@ -33,6 +33,7 @@ pub mod preflight;
 pub mod presence;
 pub mod resolve;
 pub mod transfer;
+mod verify;
 
 pub use locks::KeyedLocks;
 pub use policy::{Failure, Reason};
@@ -65,6 +66,8 @@ pub struct Memory {
     lost_jobs: u32,
     /// When the current wait for an asynchronous job began (paces the polls).
     waiting_since: Option<Instant>,
+    /// A verification's progress in this process.
+    verify: verify::VerifyMemory,
 }
 
 /// One run's engine: the resolved setup plus the process-wide locks.
@@ -107,6 +110,8 @@ impl Engine {
             Phase::Transferring => self.transfer(st, mem, progress).await,
             Phase::Importing => self.import(st, mem, progress).await,
             Phase::Deleting => self.deletes(st, mem, progress).await,
+            Phase::Verifying => self.verify(st, mem, progress).await,
+            Phase::Repairing => self.repair(st, mem, progress).await,
             Phase::Succeeded | Phase::Failed => Ok(Next::Done),
         };
         match r {
@@ -153,6 +158,8 @@ pub struct RunInputs {
     pub uid: String,
     pub template: RunTemplate,
     pub since: Option<Timestamp>,
+    /// Set for a verification run (trigger Verify): it compares ids instead of importing.
+    pub verify: Option<crate::api::VerifyRun>,
 }
 
 /// What a run uses from its process.
@@ -370,16 +377,13 @@ pub async fn cancel(inputs: &RunInputs, deps: &Deps, st: &mut BulkExportRunStatu
 pub async fn engine(inputs: &RunInputs, deps: &Deps) -> Result<Engine, resolve::SetupError> {
     let values = template_values(&inputs.template)
         .map_err(|m| Failure::new(Reason::InvalidSpec, format!("{m}; fix the BulkExportSync")))?;
-    let setup = resolve::setup(
-        &inputs.template,
-        &values,
-        &inputs.namespace,
-        &inputs.name,
-        inputs.since,
-        deps.secrets.as_ref(),
-        &deps.opts,
-    )
-    .await?;
+    let which = resolve::Which {
+        namespace: &inputs.namespace,
+        run: &inputs.name,
+        since: inputs.since,
+        verify: inputs.verify.as_ref(),
+    };
+    let setup = resolve::setup(&inputs.template, &values, which, deps.secrets.as_ref(), &deps.opts).await?;
     Ok(Engine {
         setup,
         locks: deps.locks.clone(),

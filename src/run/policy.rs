@@ -28,6 +28,8 @@ pub enum Reason {
     RunTimeout,
     Cancelled,
     PartialExport,
+    /// A verification could not compare (Pathling's export failed, an id file could not be read).
+    VerifyFailed,
 }
 
 impl Reason {
@@ -44,6 +46,7 @@ impl Reason {
             Reason::RunTimeout => "RunTimeout",
             Reason::Cancelled => "Cancelled",
             Reason::PartialExport => "PartialExport",
+            Reason::VerifyFailed => "VerifyFailed",
         }
     }
 }

@@ -133,7 +133,15 @@ pub async fn preflight(
 ) -> Vec<Finding> {
     let mut out = vec![];
     let probe = format!("preflight-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let setup = match resolve::setup(t, values, namespace, &probe, None, secrets, opts).await {
+    let setup = match resolve::setup(
+        t,
+        values,
+        resolve::Which { namespace, run: &probe, since: None, verify: None },
+        secrets,
+        opts,
+    )
+    .await
+    {
         Ok(s) => s,
         Err(SetupError { failure, .. }) => {
             out.push(fail(

@@ -33,6 +33,9 @@ pub struct Resolved<C> {
 pub struct Options {
     /// Every `staging.volume.path` must lie under this directory (the operator's `--staging-root`).
     pub staging_root: Option<std::path::PathBuf>,
+    /// Where a verification of a pingAndPull sync (which has no staging area) spills its sorted ids
+    /// (`--spill-dir`; default: the system's temporary directory).
+    pub spill_dir: Option<std::path::PathBuf>,
 }
 
 /// Why a run could not be set up, and whether trying again later may help (the Secrets API was
@@ -189,6 +192,8 @@ pub struct RunSetup {
     pub source_capacity: usize,
     pub pathling_key: String,
     pub insecure_tls: bool,
+    /// Set for a verification run.
+    pub verify: Option<api::VerifyRun>,
 }
 
 /// `staging.volume.path` must lie under the operator's `--staging-root` (when it has one).
@@ -219,16 +224,27 @@ pub fn is_object_name(name: &str) -> bool {
         && !name.contains("..")
 }
 
-/// Resolves a run's template for the run named `run` in `namespace`; `since` is the run's `_since`.
+/// Which run a template is resolved for.
+#[derive(Debug, Clone, Copy)]
+pub struct Which<'a> {
+    pub namespace: &'a str,
+    /// The run's name.
+    pub run: &'a str,
+    /// The run's `_since`.
+    pub since: Option<jiff::Timestamp>,
+    /// Set for a verification run.
+    pub verify: Option<&'a api::VerifyRun>,
+}
+
+/// Resolves a run's template for one run.
 pub async fn setup(
     t: &RunTemplate,
     values: &TemplateValues,
-    namespace: &str,
-    run: &str,
-    since: Option<jiff::Timestamp>,
+    which: Which<'_>,
     secrets: &dyn SecretSource,
     opts: &Options,
 ) -> Result<RunSetup, SetupError> {
+    let Which { namespace, run, since, verify } = which;
     if !is_object_name(namespace) || !is_object_name(run) {
         return Err(Failure::new(
             Reason::InvalidSpec,
@@ -249,8 +265,9 @@ pub async fn setup(
         level,
         types: t.export.types.clone(),
         type_filters: t.export.type_filters.clone(),
-        elements: t.export.elements.clone(),
-        since: since.map(|t| t.to_string()),
+        // a verification reads ids only, of everything the sync selects
+        elements: if verify.is_some() { vec!["id".into()] } else { t.export.elements.clone() },
+        since: if verify.is_some() { None } else { since.map(|t| t.to_string()) },
     };
     let staging: Option<Arc<dyn Staging>> = if let Some(v) = &t.staging.volume {
         check_staging_root(&t.staging, opts)?;
@@ -278,6 +295,11 @@ pub async fn setup(
         Some(Arc::new(
             ObjectStaging::new(&cfg, namespace, run).map_err(|e| Failure::new(Reason::InvalidSpec, e.to_string()))?,
         ))
+    } else if verify.is_some() {
+        // pingAndPull has no staging area: a verification spills its sorted ids locally
+        let root = opts.spill_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("fhirsync-spill"));
+        let root = root.to_string_lossy().to_string();
+        Some(Arc::new(VolumeStaging::new(&root, "file:///unused", namespace, run)))
     } else {
         None
     };
@@ -286,7 +308,7 @@ pub async fn setup(
         pathling: PathlingClient::new(tgt.client),
         staging,
         export,
-        since,
+        since: if verify.is_some() { None } else { since },
         source_url: t.source.url.clone(),
         save_mode: t.target.save_mode.code().to_string(),
         apply_deletes: t.target.apply_deletes && t.staging.ping_and_pull.is_none(),
@@ -296,5 +318,6 @@ pub async fn setup(
         source_capacity: t.source.max_concurrent_exports.clamp(1, 64) as usize,
         pathling_key: t.target.url.trim_end_matches('/').to_string(),
         insecure_tls: src.insecure || tgt.insecure,
+        verify: verify.cloned(),
     })
 }

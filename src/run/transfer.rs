@@ -250,7 +250,7 @@ pub async fn inspect_errors(
 impl Engine {
     /// The manifest: kept in memory, or read again from the source after a restart (the source keeps
     /// it until the export is released).
-    async fn manifest(
+    pub(super) async fn manifest(
         &self,
         st: &mut BulkExportRunStatus,
         mem: &mut Memory,

@@ -51,6 +51,8 @@ pub trait Staging: Send + Sync {
     fn exists(&self, name: &str) -> BoxFuture<'_, Result<bool, StagingError>>;
     /// Reads a staged file.
     fn read(&self, name: &str) -> BoxFuture<'_, Result<BoxStream<'static, Result<Bytes, StagingError>>, StagingError>>;
+    /// Removes one staged file (absent counts as removed).
+    fn remove(&self, name: &str) -> BoxFuture<'_, Result<(), StagingError>>;
     /// Names of completely staged files (not the owner marker).
     fn list(&self) -> BoxFuture<'_, Result<Vec<String>, StagingError>>;
     /// Removes the whole run area (finished, failed or cancelled runs) — only when `owner` owns it: an

@@ -173,6 +173,16 @@ impl Staging for ObjectStaging {
         })
     }
 
+    fn remove(&self, name: &str) -> BoxFuture<'_, Result<(), StagingError>> {
+        let p = self.path(name);
+        Box::pin(async move {
+            match self.store.delete(&p).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(store_err(&self.location, e)),
+            }
+        })
+    }
+
     fn list(&self) -> BoxFuture<'_, Result<Vec<String>, StagingError>> {
         Box::pin(async move {
             let metas: Vec<_> =

@@ -145,6 +145,17 @@ impl Staging for VolumeStaging {
         })
     }
 
+    fn remove(&self, name: &str) -> BoxFuture<'_, Result<(), StagingError>> {
+        let p = self.dir.join(name);
+        Box::pin(async move {
+            match tokio::fs::remove_file(&p).await {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(self.io(e)),
+            }
+        })
+    }
+
     fn list(&self) -> BoxFuture<'_, Result<Vec<String>, StagingError>> {
         Box::pin(async move {
             let mut out = vec![];

@@ -76,7 +76,13 @@ spec:
             uid: format!("uid-{run}"),
             template: RunTemplate::from(&self.sync().spec),
             since,
+            verify: None,
         }
+    }
+
+    /// A verification run of the sync.
+    pub fn verify_inputs(&self, run: &str, verify: fhirsync::api::VerifyRun) -> RunInputs {
+        RunInputs { verify: Some(verify), ..self.inputs(run, None) }
     }
 
     /// Secrets from the test directory, fresh locks, waits shrunk 500×.

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod engine;
 pub mod fhir_server;
 pub mod pathling;
+pub mod pathling_export;
 pub mod s3;
 pub mod smart;
 pub mod source;

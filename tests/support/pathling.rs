@@ -40,6 +40,12 @@ pub struct PathlingConfig {
     pub job_status_forever: Option<u16>,
     /// A finished job answers 200 with this body instead of its result (and imports nothing).
     pub job_result_body: Option<String>,
+    /// `$job` polls of an export answering 202 before the manifest.
+    pub export_polls: u32,
+    /// Lines per exported file (default 1000).
+    pub export_lines_per_file: usize,
+    /// Every `$export` kick-off answers this status.
+    pub export_status_forever: Option<u16>,
 }
 
 /// A received `$import`.
@@ -65,6 +71,10 @@ pub struct PathlingLog {
     pub resource_deletes: Vec<String>,
     pub puts: Vec<String>,
     pub max_concurrent_imports: u32,
+    /// `$export` kick-off queries.
+    pub exports: Vec<String>,
+    /// `$result` downloads.
+    pub export_files: u32,
 }
 
 struct Job {
@@ -81,6 +91,7 @@ struct Inner {
     next: u32,
     /// type → id → resource
     data: BTreeMap<String, BTreeMap<String, Value>>,
+    exports: super::pathling_export::Exports,
 }
 
 /// A running emulator.
@@ -105,6 +116,7 @@ impl FakePathling {
                 running: 0,
                 next: 0,
                 data: BTreeMap::new(),
+                exports: Default::default(),
             })),
             changed,
             base: format!("http://{addr}/fhir"),
@@ -114,6 +126,8 @@ impl FakePathling {
             .route("/fhir/$import", post(import))
             .route("/fhir/$import-pnp", post(import_pnp))
             .route("/fhir/$job", get(job).delete(delete_job))
+            .route("/fhir/$export", get(export))
+            .route("/fhir/$result", get(export_result))
             .route("/fhir/{t}/{id}", put(put_resource).delete(delete_resource).get(get_resource))
             .fallback(|| async {
                 let page = "<!DOCTYPE html><html><head><title>404 Not Found</title></head><body><h1>Not Found</h1></body></html>";
@@ -141,6 +155,13 @@ impl FakePathling {
     /// Resources stored per type.
     pub fn counts(&self) -> BTreeMap<String, usize> {
         self.inner.lock().unwrap().data.iter().map(|(k, v)| (k.clone(), v.len())).collect()
+    }
+
+    /// Removes a resource (drift planted by a test).
+    pub fn remove(&self, t: &str, id: &str) {
+        if let Some(m) = self.inner.lock().unwrap().data.get_mut(t) {
+            m.remove(id);
+        }
     }
 
     /// Seeds a resource.
@@ -333,7 +354,10 @@ async fn job(State(s): State<FakePathling>, Query(q): Query<JobQ>, headers: Head
         let mut guard = s.inner.lock().unwrap();
         let i = &mut *guard;
         i.log.job_polls += 1;
+        let export_polls = i.cfg.export_polls;
         if let Some(r) = check_auth(i, &headers) {
+            r
+        } else if let Some(r) = super::pathling_export::poll(&mut i.exports, &q.id, &headers, &s.base, export_polls) {
             r
         } else if i.cfg.lose_jobs_forever {
             if i.jobs.remove(&q.id).is_some() {
@@ -413,13 +437,59 @@ async fn delete_job(State(s): State<FakePathling>, Query(q): Query<JobQ>) -> Res
     let r = {
         let mut i = s.inner.lock().unwrap();
         i.log.job_deletes += 1;
-        if let Some(j) = i.jobs.remove(&q.id) {
+        if super::pathling_export::delete(&mut i.exports, &q.id) {
+            StatusCode::ACCEPTED.into_response()
+        } else if let Some(j) = i.jobs.remove(&q.id) {
             if !j.busy {
                 i.running = i.running.saturating_sub(1);
             }
             StatusCode::ACCEPTED.into_response()
         } else {
             StatusCode::NOT_FOUND.into_response()
+        }
+    };
+    s.touch();
+    r
+}
+
+async fn export(
+    State(s): State<FakePathling>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let r = {
+        let mut guard = s.inner.lock().unwrap();
+        let i = &mut *guard;
+        let q = q.unwrap_or_default();
+        i.log.exports.push(q.clone());
+        if let Some(r) = check_auth(i, &headers) {
+            r
+        } else if let Some(code) = i.cfg.export_status_forever {
+            (StatusCode::from_u16(code).unwrap(), oo("exception", "export failed")).into_response()
+        } else {
+            i.next += 1;
+            let id = format!("x{}", i.next);
+            let per = if i.cfg.export_lines_per_file == 0 { 1000 } else { i.cfg.export_lines_per_file };
+            super::pathling_export::kickoff(&mut i.exports, &i.data, id, &s.base, &q, &headers, per)
+        }
+    };
+    s.touch();
+    r
+}
+
+#[derive(serde::Deserialize)]
+struct ResultQ {
+    job: String,
+    file: String,
+}
+
+async fn export_result(State(s): State<FakePathling>, Query(q): Query<ResultQ>, headers: HeaderMap) -> Response {
+    let r = {
+        let mut i = s.inner.lock().unwrap();
+        i.log.export_files += 1;
+        match check_auth(&i, &headers) {
+            Some(r) => r,
+            None => super::pathling_export::result(&i.exports, &q.job, &q.file),
         }
     };
     s.touch();

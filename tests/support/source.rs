@@ -103,6 +103,8 @@ pub struct SourceConfig {
     pub export_slots: i32,
     /// History, searches by `_id` and reads.
     pub rest: super::source_rest::RestConfig,
+    /// Kick-offs with `_elements` answer 400 (servers that do not support it).
+    pub refuse_elements: bool,
 }
 
 impl Default for SourceConfig {
@@ -139,6 +141,7 @@ impl Default for SourceConfig {
             gzip_bomb_mib: None,
             export_slots: 1,
             rest: Default::default(),
+            refuse_elements: false,
         }
     }
 }
@@ -397,6 +400,10 @@ fn kickoff_inner(
             [(header::RETRY_AFTER, ra)],
             outcome("error", "throttled", "one export at a time"),
         )
+            .into_response();
+    }
+    if i.cfg.refuse_elements && i.log.kickoffs.last().and_then(|k| k.param("_elements")).is_some() {
+        return (StatusCode::BAD_REQUEST, outcome("error", "not-supported", "_elements is not supported"))
             .into_response();
     }
     if let Some((code, msg)) = i.cfg.kickoff_error.clone() {

@@ -1,4 +1,5 @@
-//! Pathling server client: `$import`, `$import-pnp`, `$job`, single-resource `DELETE`.
+//! Pathling server client: `$import`, `$import-pnp`, `$job`, single-resource `DELETE`, and `$export`
+//! (in [`export`]).
 //! No Kubernetes types. Answers are validated here: a `$job` that answers 200 counts as done only
 //! when its body is the import's result.
 
@@ -15,6 +16,9 @@ use crate::fhir::ids::{is_id, is_type};
 use crate::fhir::outcome::OperationOutcome;
 use crate::fhir::retry::retry_after;
 use crate::text::{describe_text_body, peer_text, redact};
+
+mod export;
+pub use export::{ExportPoll, export_manifest};
 
 /// Largest `$job` result read.
 const RESULT_MAX: usize = 8 << 20;
