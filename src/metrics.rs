@@ -35,6 +35,15 @@ pub struct SyncLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftLabels {
+    pub namespace: String,
+    pub name: String,
+    pub resource_type: String,
+    /// `missing` (in Pathling) or `extra` (in Pathling).
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SubscriptionLabels {
     pub namespace: String,
     pub name: String,
@@ -57,6 +66,9 @@ pub struct Metrics {
     pub subscriptions: Family<SubscriptionLabels, Gauge>,
     pub status_conflicts: Counter,
     pub run_tasks: Counter,
+    pub drift: Family<DriftLabels, Gauge>,
+    pub in_sync: Family<SyncLabels, Gauge>,
+    pub last_verification: Family<SyncLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 /// Registers metrics and remembers the sample names each exposes (for the dashboard's test and docs).
@@ -123,7 +135,25 @@ impl Default for Metrics {
             "Run tasks started (once per run per process; a run found finished is never started)",
             Counter::default(),
         );
+        let drift = r.gauge(
+            "drift_resources",
+            "Resources the last verification found missing in Pathling or extra in it, per sync and type",
+            Family::default(),
+        );
+        let in_sync = r.gauge(
+            "in_sync",
+            "1 when the last verification found Pathling equal to the source (or repaired it), else 0",
+            Family::default(),
+        );
+        let last_verification = r.gauge(
+            "last_verification_timestamp_seconds",
+            "When each BulkExportSync's last verification finished (Unix time)",
+            Family::default(),
+        );
         Self {
+            drift,
+            in_sync,
+            last_verification,
             run_tasks,
             registry: r.registry,
             samples: r.samples,

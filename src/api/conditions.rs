@@ -47,7 +47,18 @@ pub fn set_condition(
     message: impl Into<String>,
     generation: Option<i64>,
 ) -> bool {
-    let status_s = if status { "True" } else { "False" };
+    set_condition_status(conditions, type_, if status { "True" } else { "False" }, reason, message, generation)
+}
+
+/// [`set_condition`] with the status as a string: `True`, `False` or `Unknown`.
+pub fn set_condition_status(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status_s: &str,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+) -> bool {
     let message = message.into();
     if let Some(c) = conditions.iter_mut().find(|c| c.type_ == type_) {
         let before = c.clone();

@@ -195,7 +195,7 @@ impl Drift {
         if missing > 0 {
             let ex = self.types.iter().find(|t| !t.missing_examples.is_empty());
             let e = ex.map(|t| format!(" (e.g. {}/{})", t.type_, t.missing_examples[0])).unwrap_or_default();
-            parts.push(format!("Pathling misses {}{e}", list(&|t| t.missing)));
+            parts.push(format!("misses {}{e}", list(&|t| t.missing)));
         }
         if extra > 0 {
             let ex = self.types.iter().find(|t| !t.extra_examples.is_empty());
@@ -210,7 +210,7 @@ impl Drift {
             }
             return s;
         }
-        let mut s = parts.join("; ");
+        let mut s = format!("Pathling {}", parts.join(" and "));
         if pending > 0 {
             s.push_str(&format!("; {pending} more changed since the last run (pending)"));
         }

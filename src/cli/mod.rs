@@ -3,4 +3,6 @@
 
 pub mod check;
 pub mod input;
+pub mod state;
 pub mod sync_once;
+pub mod verify;

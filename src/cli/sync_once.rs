@@ -4,55 +4,24 @@
 //! only for the sync it was started for.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::input::{load_checked, secrets_from};
+use super::state::{RunState, State, StatePersist, lock_state, read_state, write_state};
 use crate::api::{BulkExportRunStatus, Phase, RunTemplate};
-use crate::run::resolve::is_object_name;
-use crate::run::{self, Deps, DriveError, KeyedLocks, Options, Persist, PersistError, RunInputs};
+use crate::run::{self, Deps, DriveError, KeyedLocks, Options, RunInputs};
 use crate::secrets::SecretSource;
 use crate::sync::{self, WatermarkMove};
 
 pub use super::input::CliError;
-
-/// What `--state` keeps between invocations.
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct State {
-    /// `_since` of the next incremental run.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub watermark: Option<Timestamp>,
-    /// Fingerprint of the query the watermark (and a run in flight) belongs to.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub watermark_scope: Option<String>,
-    /// A run in flight (resumed by the next invocation).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub run: Option<RunState>,
-}
-
-/// A run in flight: its identity, its `_since`, the template it runs and its status.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RunState {
-    pub name: String,
-    /// Unique per run: claims its staging area.
-    #[serde(default)]
-    pub uid: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub since: Option<Timestamp>,
-    /// What the run runs (a resumed run keeps it, whatever the file says now).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub template: Option<RunTemplate>,
-    pub status: BulkExportRunStatus,
-}
 
 /// Output format of the summary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -76,74 +45,10 @@ pub struct Args {
     /// Summary format.
     #[arg(long, value_enum, default_value = "text")]
     pub output: Output,
-}
-
-/// Largest state file read.
-const STATE_MAX: u64 = 4 << 20;
-
-fn read_state(path: &Path) -> Result<State, CliError> {
-    let err = |message: String| CliError::State { path: path.display().to_string(), message };
-    match std::fs::metadata(path) {
-        Ok(m) if m.len() > STATE_MAX => {
-            return Err(err(format!("larger than {STATE_MAX} bytes: not a fhirsync state file")));
-        }
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
-        Err(e) => return Err(err(e.to_string())),
-    }
-    let b = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let s: State = serde_json::from_slice(&b).map_err(|e| err(format!("not a fhirsync state file: {e}")))?;
-    if let Some(r) = &s.run
-        && (!is_object_name(&r.name) || r.uid.is_empty() || r.uid.len() > 64)
-    {
-        return Err(err(format!("the run it holds has an invalid name or uid ({:.80?}); delete the file", r.name)));
-    }
-    Ok(s)
-}
-
-fn write_state(path: &Path, s: &State) -> Result<(), String> {
-    let tmp = path.with_extension("tmp");
-    let data = serde_json::to_vec_pretty(s).map_err(|e| e.to_string())?;
-    std::fs::write(&tmp, data).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-/// Holds `<state>.lock` for the life of the process: two sync-once runs never share a state file.
-fn lock_state(path: &Path) -> Result<std::fs::File, CliError> {
-    let lock = PathBuf::from(format!("{}.lock", path.display()));
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock)
-        .map_err(|e| CliError::State { path: lock.display().to_string(), message: e.to_string() })?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(CliError::State {
-            path: path.display().to_string(),
-            message: "another fhirsync sync-once is using it; wait for it, or use another --state file".into(),
-        }),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(CliError::State { path: lock.display().to_string(), message: format!("cannot lock: {e}") })
-        }
-    }
-}
-
-struct StatePersist {
-    path: Option<PathBuf>,
-    state: State,
-}
-
-impl Persist for StatePersist {
-    async fn save(&mut self, st: &BulkExportRunStatus) -> Result<(), PersistError> {
-        if let Some(r) = &mut self.state.run {
-            r.status = st.clone();
-        }
-        match &self.path {
-            Some(p) => write_state(p, &self.state).map_err(PersistError::Failed),
-            None => Ok(()),
-        }
-    }
+    /// After the run, verify that Pathling holds what the source holds (ids per type), and repair what
+    /// differs unless the file's spec.verify.repair is false. Exit code 3 when drift remains.
+    #[arg(long)]
+    pub verify: bool,
 }
 
 /// The end-of-run summary.
@@ -159,11 +64,17 @@ pub struct Summary {
     pub resources: std::collections::BTreeMap<String, i64>,
     pub total_resources: i64,
     pub deleted: i64,
+    /// Where the deletions came from (Manifest, History, Unavailable, FullExport, Disabled).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deletion_source: Option<crate::api::DeletionSource>,
     pub export_errors: i64,
     pub files: i64,
     pub bytes: i64,
     pub duration: Option<String>,
     pub watermark: Option<Timestamp>,
+    /// With `--verify`: what the verification found, and its repair.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drift: Option<crate::api::Drift>,
 }
 
 /// Runs the command; returns the process exit code.
@@ -290,17 +201,48 @@ async fn run_inner(args: &Args) -> Result<i32, CliError> {
         total_resources: status.resources.values().sum(),
         resources: status.resources.clone(),
         deleted: status.deleted,
+        deletion_source: status.deletion_source,
         export_errors: status.export_errors,
         files: status.files.as_ref().map(|f| f.staged).unwrap_or(0),
         bytes: status.bytes,
         duration: status.duration.clone(),
         watermark,
+        drift: None,
     };
+    let mut summary = summary;
+    let mut code = if status.phase == Phase::Succeeded { 0 } else { 1 };
+    if args.verify && code == 0 {
+        match super::verify::verify(&sync, &ns, &deps, watermark, &cancel).await {
+            Ok(super::verify::Verified::Done(d)) => {
+                if !super::verify::in_sync(&d) {
+                    code = 3;
+                }
+                summary.drift = Some(d);
+            }
+            Ok(super::verify::Verified::Failed(st)) => {
+                eprintln!("error: the verification failed: {}", st.message.unwrap_or_default());
+                code = 1;
+            }
+            Ok(super::verify::Verified::Cancelled) => {
+                eprintln!("interrupted during the verification; the run itself is complete");
+                return Ok(130);
+            }
+            Err(e) => {
+                eprintln!("error: the verification stopped: {e}");
+                code = 1;
+            }
+        }
+    }
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&summary).unwrap_or_default()),
-        Output::Text => print_text(&summary),
+        Output::Text => {
+            print_text(&summary);
+            if let Some(d) = &summary.drift {
+                super::verify::print_text(d);
+            }
+        }
     }
-    Ok(if status.phase == Phase::Succeeded { 0 } else { 1 })
+    Ok(code)
 }
 
 fn print_text(s: &Summary) {
@@ -316,7 +258,10 @@ fn print_text(s: &Summary) {
     for (t, n) in &s.resources {
         println!("  {t}: {n}");
     }
-    println!("deleted:    {}", s.deleted);
+    match s.deletion_source {
+        Some(src) => println!("deleted:    {} (deletions from: {})", s.deleted, src.as_str()),
+        None => println!("deleted:    {}", s.deleted),
+    }
     println!("errors:     {}", s.export_errors);
     println!("files:      {} ({} bytes)", s.files, s.bytes);
     if let Some(d) = &s.duration {
@@ -327,7 +272,7 @@ fn print_text(s: &Summary) {
     }
 }
 
-async fn report_progress(mut rx: watch::Receiver<BulkExportRunStatus>, resumed: bool) {
+pub(super) async fn report_progress(mut rx: watch::Receiver<BulkExportRunStatus>, resumed: bool) {
     let tty = std::io::stderr().is_terminal();
     if resumed {
         eprintln!("resuming the run saved in the state file");

@@ -35,6 +35,7 @@ pub fn controller(
     stop: CancellationToken,
 ) -> (BoxFuture<'static, ()>, super::ReadyCheck) {
     let (syncs, store) = super::cache::watch::<BulkExportSync>(&ctx.client, &ns);
+    let _ = ctx.sync_store.set(store.clone());
     let c = Controller::for_stream(syncs, store).owns_shared_stream(finished_runs);
     super::launch(c, ctx, stop, reconcile)
 }
@@ -131,6 +132,20 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
         None => None,
     };
 
+    let verify_schedule = match super::drift::schedule(&sync) {
+        Ok(s) => s,
+        Err(msg) => {
+            blocked(
+                &mut st,
+                gen_,
+                "InvalidSchedule",
+                format!("spec.verify.schedule: {msg}; fix it"),
+                "verify schedule",
+            );
+            return finish(&ctx, &syncs, &sync, &before, &st, Action::await_change()).await;
+        }
+    };
+
     // 2. the watermark belongs to one query: a changed source, export or target resets it
     let scope = sync::watermark_scope(&sync.spec);
     if st.watermark_scope.as_deref() != Some(&scope) {
@@ -170,13 +185,13 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
     if let Some(active) = st.active_run.clone() {
         match runs.iter().find(|r| r.name_any() == active) {
             Some(r) if run_is_finished(r) => {
-                fold(&ctx, &sync, &mut st, r, values.since_overlap, schedule.is_some()).await
+                finished(&ctx, &sync, &mut st, r, values.since_overlap, schedule.is_some()).await
             }
             Some(_) => {}
             // not in the cache (yet, or any more): ask the API server before forgetting it
             None => match runs_api.get_opt(&active).await? {
                 Some(r) if run_is_finished(&r) => {
-                    fold(&ctx, &sync, &mut st, &r, values.since_overlap, schedule.is_some()).await
+                    finished(&ctx, &sync, &mut st, &r, values.since_overlap, schedule.is_some()).await
                 }
                 Some(r) => runs.push(Arc::new(r)),
                 None => st.active_run = None,
@@ -259,46 +274,21 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
             tracing::debug!(sync = %name, "run due but one is in flight; waiting");
         } else {
             let since = sync::since(&sync.spec, st.watermark.as_ref().map(|t| t.0));
-            let run = BulkExportRun {
-                metadata: ObjectMeta {
-                    name: Some(due.name.clone()),
-                    namespace: Some(ns.clone()),
-                    labels: Some([(LABEL_SYNC.to_string(), sync::label_value(&name))].into()),
-                    owner_references: sync.controller_owner_ref(&()).map(|o| vec![o]),
-                    // set at creation: the run controller need not patch it in
-                    finalizers: Some(vec![crate::api::FINALIZER_RUN.to_string()]),
-                    ..Default::default()
-                },
-                spec: BulkExportRunSpec {
-                    sync_ref: SyncRef { name: name.clone() },
-                    since: since.map(Time),
-                    trigger: due.trigger,
-                    template: Some(RunTemplate::from(&sync.spec)),
-                    verify: None,
-                },
-                status: None,
+            let spec = BulkExportRunSpec {
+                sync_ref: SyncRef { name: name.clone() },
+                since: since.map(Time),
+                trigger: due.trigger,
+                template: Some(RunTemplate::from(&sync.spec)),
+                verify: None,
             };
-            let mut created_before = false;
-            match runs_api
-                .create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &run)
-                .await
-            {
-                Ok(_) => {
-                    tracing::info!(
-                        sync = %format!("{ns}/{name}"),
-                        run = %due.name,
-                        trigger = ?due.trigger,
-                        since = %since.map(|t| t.to_string()).unwrap_or_else(|| "full export".into()),
-                        "run created"
-                    );
-                }
-                Err(kube::Error::Api(s)) if s.code == 409 => {
-                    // created before a crash or by a decision whose status write was lost: the run's
-                    // deterministic name makes this idempotent; adopt it unless it already finished
-                    created_before = runs_api.get_opt(&due.name).await?.is_some_and(|r| run_is_finished(&r));
-                }
-                Err(e) => return Err(e.into()),
-            }
+            let created_before = create_run(&runs_api, &sync, &due.name, spec).await?;
+            tracing::info!(
+                sync = %format!("{ns}/{name}"),
+                run = %due.name,
+                trigger = ?due.trigger,
+                since = %since.map(|t| t.to_string()).unwrap_or_else(|| "full export".into()),
+                "run created"
+            );
             if !created_before {
                 st.active_run = Some(due.name.clone());
             }
@@ -317,6 +307,23 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
             );
         }
     }
+
+    // 5b. a verification or repair, when no run is due or in flight
+    if st.active_run.is_none()
+        && held.is_none()
+        && let Some(due) = super::drift::due(&sync, &st, verify_schedule.as_ref(), now)
+    {
+        let (run_name, spec) = super::drift::run_spec(&ctx, &sync, &st, &due);
+        let trigger = spec.trigger;
+        let created_before = create_run(&runs_api, &sync, &run_name, spec).await?;
+        tracing::info!(sync = %format!("{ns}/{name}"), run = %run_name, trigger = ?trigger, "run created");
+        if !created_before {
+            st.active_run = Some(run_name.clone());
+        }
+        super::drift::started(&mut st, &due, &run_name, now);
+        set_condition(&mut st.conditions, types::PROGRESSING, true, "Pending", format!("run {run_name} created"), gen_);
+    }
+    super::drift::update(&ctx, &sync, &mut st, before.drift.as_ref());
     st.next_schedule_time = match (&schedule, sync.spec.suspend) {
         (Some(s), false) => s.next_after(st.last_schedule_time.as_ref().map(|t| t.0.max(now)).unwrap_or(now)).map(Time),
         _ => None,
@@ -352,12 +359,17 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
             .set(now.duration_since(w.0).as_secs_f64());
     }
 
+    let next_verify = match (&verify_schedule, sync.spec.suspend) {
+        (Some(s), false) => s.next_after(st.last_verify_schedule_time.as_ref().map(|t| t.0.max(now)).unwrap_or(now)),
+        _ => None,
+    };
+    let next_wake = [st.next_schedule_time.as_ref().map(|t| t.0), next_verify].into_iter().flatten().min();
     let action = if let Some(wait) = held {
         Action::requeue(wait)
     } else if st.active_run.is_some() {
         Action::requeue(Duration::from_secs(300))
-    } else if let Some(next) = &st.next_schedule_time {
-        let secs = next.0.duration_since(now).as_secs().clamp(1, 3600) as u64;
+    } else if let Some(next) = next_wake {
+        let secs = next.duration_since(now).as_secs().clamp(1, 3600) as u64;
         Action::requeue(Duration::from_secs(secs))
     } else {
         Action::requeue(Duration::from_secs(3600))
@@ -415,6 +427,54 @@ async fn preflight(
     }
     st.preflight_generation = gen_;
     None
+}
+
+/// Creates a run (idempotent: its name is deterministic). Returns whether a run of that name had
+/// been created and finished before (then it is not adopted as the active run).
+async fn create_run(
+    runs_api: &Api<BulkExportRun>,
+    sync: &BulkExportSync,
+    name: &str,
+    spec: BulkExportRunSpec,
+) -> Result<bool, Error> {
+    let run = BulkExportRun {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: sync.namespace(),
+            labels: Some([(LABEL_SYNC.to_string(), sync::label_value(&sync.name_any()))].into()),
+            owner_references: sync.controller_owner_ref(&()).map(|o| vec![o]),
+            // set at creation: the run controller need not patch it in
+            finalizers: Some(vec![crate::api::FINALIZER_RUN.to_string()]),
+            ..Default::default()
+        },
+        spec,
+        status: None,
+    };
+    match runs_api.create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &run).await {
+        Ok(_) => Ok(false),
+        // created before a crash or by a decision whose status write was lost: the run's
+        // deterministic name makes this idempotent; adopt it unless it already finished
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            Ok(runs_api.get_opt(name).await?.is_some_and(|r| run_is_finished(&r)))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A finished run's results go into the sync's status: a verification's or repair's into the
+/// drift, any other run's into the watermark and conditions.
+async fn finished(
+    ctx: &Context,
+    sync: &BulkExportSync,
+    st: &mut BulkExportSyncStatus,
+    run: &BulkExportRun,
+    overlap: Duration,
+    scheduled: bool,
+) {
+    st.active_run = None;
+    if !super::drift::fold(ctx, sync, st, run).await {
+        fold(ctx, sync, st, run, overlap, scheduled).await;
+    }
 }
 
 /// Folds a finished run into the sync's status: results, watermark, conditions.

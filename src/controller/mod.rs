@@ -20,6 +20,7 @@ use crate::telemetry::LogFormat;
 pub mod bulk_run;
 pub mod bulk_sync;
 pub mod cache;
+pub mod drift;
 pub mod leader;
 pub mod status;
 pub mod subscription_sync;
@@ -107,6 +108,8 @@ pub struct Context {
     pub deferred: Mutex<std::collections::HashSet<String>>,
     /// The last status this process wrote to each BulkExportSync.
     pub sync_writes: status::OwnWrites<crate::api::BulkExportSyncStatus>,
+    /// The cached BulkExportSyncs (set when their controller starts): which syncs share a Pathling.
+    pub sync_store: std::sync::OnceLock<kube::runtime::reflector::Store<crate::api::BulkExportSync>>,
     /// When each FhirSubscriptionSync (by uid) was last verified in this process.
     pub verifications: Mutex<HashMap<String, std::time::Instant>>,
     pub shutdown: CancellationToken,
@@ -228,6 +231,7 @@ async fn run_inner(args: RunArgs) -> Result<(), Error> {
         tasks: Mutex::new(HashMap::new()),
         runs: Arc::default(),
         verifications: Mutex::default(),
+        sync_store: std::sync::OnceLock::new(),
         sync_writes: Default::default(),
         deferred: Mutex::default(),
         shutdown: shutdown.clone(),

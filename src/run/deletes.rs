@@ -284,8 +284,8 @@ impl Engine {
             degrade(
                 st,
                 "DeletionsUnavailable",
-                "the source lists no deletions in its manifest and offers no _history: resources deleted there stay in Pathling. \
-                 Set spec.verify (with repair) to find and remove them, or set target.applyDeletes: false to silence this",
+                "the source lists no deletions in its manifest and offers no _history: resources deleted there stay in Pathling \
+                 until a verification with repair (spec.verify) removes them; set target.applyDeletes: false to silence this",
             );
         }
         let mut phrase = String::new();

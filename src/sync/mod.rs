@@ -9,6 +9,8 @@ use jiff::Timestamp;
 use crate::api::{BulkExportRunStatus, BulkExportSyncSpec, Phase, Trigger};
 use crate::schedule::Schedule;
 
+pub mod verify;
+
 /// Stable 64-bit FNV-1a fingerprint (std's hasher is not stable across releases).
 pub fn fingerprint(s: &str) -> String {
     let mut h: u64 = 0xcbf29ce484222325;

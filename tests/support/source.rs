@@ -105,6 +105,8 @@ pub struct SourceConfig {
     pub rest: super::source_rest::RestConfig,
     /// Kick-offs with `_elements` answer 400 (servers that do not support it).
     pub refuse_elements: bool,
+    /// Output of exports with `_since` (changes only), when set; `files` otherwise.
+    pub since_files: Option<Vec<(String, Vec<String>)>>,
 }
 
 impl Default for SourceConfig {
@@ -142,6 +144,7 @@ impl Default for SourceConfig {
             export_slots: 1,
             rest: Default::default(),
             refuse_elements: false,
+            since_files: None,
         }
     }
 }
@@ -185,6 +188,8 @@ pub struct SourceLog {
 struct Job {
     polls: u32,
     transaction_time: String,
+    /// Kicked off with `_since`.
+    incremental: bool,
 }
 
 struct Inner {
@@ -421,7 +426,10 @@ fn kickoff_inner(
     i.next_id += 1;
     let id = format!("job{}", i.next_id);
     let tt = i.cfg.transaction_time.clone().unwrap_or_else(|| jiff::Timestamp::now().to_string());
-    i.jobs.insert(id.clone(), Job { polls: 0, transaction_time: tt });
+    let incremental = i.log.kickoffs.last().is_some_and(|k| {
+        k.param("_since").is_some() || k.body.as_ref().is_some_and(|b| b.to_string().contains("_since"))
+    });
+    i.jobs.insert(id.clone(), Job { polls: 0, transaction_time: tt, incremental });
     i.log.accepted += 1;
     i.log.active_exports += 1;
     i.log.max_active_exports = i.log.max_active_exports.max(i.log.active_exports);
@@ -482,12 +490,15 @@ fn poll_inner(s: &FakeSource, id: String, headers: HeaderMap) -> Response {
         return resp;
     }
     let file_base = cfg.file_base.clone().unwrap_or(origin);
-    let output: Vec<_> = cfg
-        .files
+    let (kind, files) = match (&cfg.since_files, job.incremental) {
+        (Some(f), true) => ("inc", f),
+        _ => ("out", &cfg.files),
+    };
+    let output: Vec<_> = files
         .iter()
         .enumerate()
         .map(|(n, (t, lines))| {
-            let mut o = json!({"type": t, "url": format!("{file_base}/files/out-{n}.ndjson")});
+            let mut o = json!({"type": t, "url": format!("{file_base}/files/{kind}-{n}.ndjson")});
             if cfg.include_count {
                 let c = lines.len() + usize::from(cfg.wrong_count == Some(n));
                 o["count"] = json!(c);
@@ -580,6 +591,7 @@ async fn file(State(s): State<FakeSource>, Path(name): Path<String>, headers: He
         let idx: usize = idx.parse().unwrap_or(usize::MAX);
         let lines = match kind {
             "out" => i.cfg.files.get(idx).map(|f| f.1.clone()),
+            "inc" => i.cfg.since_files.as_ref().and_then(|f| f.get(idx)).map(|f| f.1.clone()),
             "del" => i.cfg.deleted.get(idx).cloned(),
             "err" => i.cfg.errors.get(idx).cloned(),
             _ => None,
