@@ -1,7 +1,7 @@
 //! Deleting: the deletions of the run's window applied on Pathling after its import (so a resource
 //! deleted and re-created in the window ends up present). Where they come from, best first: the
 //! manifest's `deleted[]` (staged during the transfer); else the source's history
-//! (`_history?_since=`, system-level or per synced type, as the source allows); else nowhere — said in
+//! (`_history?_since=`, per synced type or system-level, as the source allows); else nowhere — said in
 //! the status and as a `DeletionsUnavailable` degradation. Before a deletion is applied the source is
 //! asked whether the resource exists again (a search by `_id`, 50 at a time); one that does is kept.
 //! Every reference is checked against FHIR's grammar first; a 404 from Pathling counts as done.
@@ -171,10 +171,11 @@ impl Engine {
         let http = self.setup.source.http();
         let types = &self.setup.export.types;
         match crate::fhir::capabilities::read(http).await {
-            Ok(c) if c.system_interactions.contains("history-system") => return Ok(Some(vec![Scope::System])),
+            // the synced types' own histories: a system history also lists every other type's writes
             Ok(c) if !types.is_empty() && types.iter().all(|t| c.has(t, "history-type")) => {
                 return Ok(Some(types.iter().map(|t| Scope::Type(t.clone())).collect()));
             }
+            Ok(c) if c.system_interactions.contains("history-system") => return Ok(Some(vec![Scope::System])),
             Ok(_) => {}
             Err(e) if policy::classify(&e) == policy::Class::Permanent => {}
             Err(e) => return Err(Stop::Http(Peer::Source, e)),

@@ -190,6 +190,8 @@ struct Job {
     transaction_time: String,
     /// Kicked off with `_since`.
     incremental: bool,
+    /// `_type`, when given.
+    types: Option<Vec<String>>,
 }
 
 struct Inner {
@@ -429,7 +431,9 @@ fn kickoff_inner(
     let incremental = i.log.kickoffs.last().is_some_and(|k| {
         k.param("_since").is_some() || k.body.as_ref().is_some_and(|b| b.to_string().contains("_since"))
     });
-    i.jobs.insert(id.clone(), Job { polls: 0, transaction_time: tt, incremental });
+    let types =
+        i.log.kickoffs.last().and_then(|k| k.param("_type")).map(|t| t.split(',').map(str::to_string).collect());
+    i.jobs.insert(id.clone(), Job { polls: 0, transaction_time: tt, incremental, types });
     i.log.accepted += 1;
     i.log.active_exports += 1;
     i.log.max_active_exports = i.log.max_active_exports.max(i.log.active_exports);
@@ -497,6 +501,7 @@ fn poll_inner(s: &FakeSource, id: String, headers: HeaderMap) -> Response {
     let output: Vec<_> = files
         .iter()
         .enumerate()
+        .filter(|(_, (t, _))| job.types.as_ref().is_none_or(|ts| ts.contains(t)))
         .map(|(n, (t, lines))| {
             let mut o = json!({"type": t, "url": format!("{file_base}/files/{kind}-{n}.ndjson")});
             if cfg.include_count {
