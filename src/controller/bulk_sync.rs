@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use jiff::Timestamp;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{DeleteParams, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::DeleteParams;
 use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
 use super::status::{Applied, apply};
@@ -21,10 +21,10 @@ use crate::api::conditions::{is_true, set_condition, set_insecure_tls, types};
 use crate::api::validate::validate_bulk_sync;
 use crate::api::{
     ANNOTATION_RESET_WATERMARK, ANNOTATION_RUN_NOW, BulkExportRun, BulkExportRunSpec, BulkExportSync,
-    BulkExportSyncStatus, FIELD_MANAGER, LABEL_SYNC, Phase, RunSummary, RunTemplate, SyncRef,
+    BulkExportSyncStatus, Phase, RunTemplate, SyncRef,
 };
 use crate::schedule::Schedule;
-use crate::sync::{self, History, WatermarkMove};
+use crate::sync::{self, History};
 
 /// Builds the controller future and a future that resolves once its cache has synced. Woken by spec
 /// changes of a sync (not its status writes) and by its runs finishing.
@@ -185,13 +185,13 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
     if let Some(active) = st.active_run.clone() {
         match runs.iter().find(|r| r.name_any() == active) {
             Some(r) if run_is_finished(r) => {
-                finished(&ctx, &sync, &mut st, r, values.since_overlap, schedule.is_some()).await
+                super::sync_runs::finished(&ctx, &sync, &mut st, r, values.since_overlap, schedule.is_some()).await
             }
             Some(_) => {}
             // not in the cache (yet, or any more): ask the API server before forgetting it
             None => match runs_api.get_opt(&active).await? {
                 Some(r) if run_is_finished(&r) => {
-                    finished(&ctx, &sync, &mut st, &r, values.since_overlap, schedule.is_some()).await
+                    super::sync_runs::finished(&ctx, &sync, &mut st, &r, values.since_overlap, schedule.is_some()).await
                 }
                 Some(r) => runs.push(Arc::new(r)),
                 None => st.active_run = None,
@@ -247,7 +247,7 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
     // 4. before a first run: the preflight checks (a first run waits until nothing blocks it)
     let mut held = None;
     if st.last_successful_run.is_none() && active.is_none() {
-        held = preflight(&ctx, &sync, &mut st, &values, now).await;
+        held = super::sync_preflight::preflight(&ctx, &sync, &mut st, &values, now).await;
     }
 
     // 5. is a run due?
@@ -281,7 +281,7 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
                 template: Some(RunTemplate::from(&sync.spec)),
                 verify: None,
             };
-            let created_before = create_run(&runs_api, &sync, &due.name, spec).await?;
+            let created_before = super::sync_runs::create_run(&runs_api, &sync, &due.name, spec).await?;
             tracing::info!(
                 sync = %format!("{ns}/{name}"),
                 run = %due.name,
@@ -315,7 +315,7 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
     {
         let (run_name, spec) = super::drift::run_spec(&ctx, &sync, &st, &due);
         let trigger = spec.trigger;
-        let created_before = create_run(&runs_api, &sync, &run_name, spec).await?;
+        let created_before = super::sync_runs::create_run(&runs_api, &sync, &run_name, spec).await?;
         tracing::info!(sync = %format!("{ns}/{name}"), run = %run_name, trigger = ?trigger, "run created");
         if !created_before {
             st.active_run = Some(run_name.clone());
@@ -375,191 +375,6 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
         Action::requeue(Duration::from_secs(3600))
     };
     finish(&ctx, &syncs, &sync, &before, &st, action).await
-}
-
-/// How often failing preflight checks are run again.
-const PREFLIGHT_RETRY: Duration = Duration::from_secs(60);
-
-/// Runs the preflight checks when the spec changed since they last passed (at most every minute while
-/// they fail) and sets the `Preflight` condition. Returns the wait before checking again when a
-/// blocking check fails (the first run is held meanwhile).
-async fn preflight(
-    ctx: &Context,
-    sync: &BulkExportSync,
-    st: &mut BulkExportSyncStatus,
-    values: &crate::api::validate::SyncValues,
-    now: Timestamp,
-) -> Option<Duration> {
-    let gen_ = sync.metadata.generation;
-    if st.preflight_generation == gen_ {
-        return None;
-    }
-    if let Some(last) = &st.last_preflight {
-        let since = now.duration_since(last.0).unsigned_abs();
-        // failed for this same generation: wait; a changed spec is checked at once
-        let failed = st
-            .conditions
-            .iter()
-            .any(|c| c.type_ == types::PREFLIGHT && c.status == "False" && c.observed_generation == gen_);
-        if failed && since < PREFLIGHT_RETRY {
-            return Some(PREFLIGHT_RETRY - since);
-        }
-    }
-    let ns = sync.namespace().unwrap_or_default();
-    let t = RunTemplate::from(&sync.spec);
-    let findings = match tokio::time::timeout(
-        Duration::from_secs(60),
-        crate::run::preflight::preflight(&t, &values.template, &ns, ctx.secrets.as_ref(), &ctx.opts),
-    )
-    .await
-    {
-        Ok(f) => f,
-        Err(_) => {
-            tracing::warn!(sync = %sync.name_any(), "the preflight checks took longer than 60s");
-            return Some(PREFLIGHT_RETRY);
-        }
-    };
-    st.last_preflight = Some(Time(now));
-    let (ok, reason, msg) = crate::run::preflight::summarize(&findings);
-    set_condition(&mut st.conditions, types::PREFLIGHT, ok, reason, msg, gen_);
-    if findings.iter().any(|f| !f.ok && f.blocking) {
-        return Some(PREFLIGHT_RETRY);
-    }
-    st.preflight_generation = gen_;
-    None
-}
-
-/// Creates a run (idempotent: its name is deterministic). Returns whether a run of that name had
-/// been created and finished before (then it is not adopted as the active run).
-async fn create_run(
-    runs_api: &Api<BulkExportRun>,
-    sync: &BulkExportSync,
-    name: &str,
-    spec: BulkExportRunSpec,
-) -> Result<bool, Error> {
-    let run = BulkExportRun {
-        metadata: ObjectMeta {
-            name: Some(name.to_string()),
-            namespace: sync.namespace(),
-            labels: Some([(LABEL_SYNC.to_string(), sync::label_value(&sync.name_any()))].into()),
-            owner_references: sync.controller_owner_ref(&()).map(|o| vec![o]),
-            // set at creation: the run controller need not patch it in
-            finalizers: Some(vec![crate::api::FINALIZER_RUN.to_string()]),
-            ..Default::default()
-        },
-        spec,
-        status: None,
-    };
-    match runs_api.create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &run).await {
-        Ok(_) => Ok(false),
-        // created before a crash or by a decision whose status write was lost: the run's
-        // deterministic name makes this idempotent; adopt it unless it already finished
-        Err(kube::Error::Api(s)) if s.code == 409 => {
-            Ok(runs_api.get_opt(name).await?.is_some_and(|r| run_is_finished(&r)))
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// A finished run's results go into the sync's status: a verification's or repair's into the
-/// drift, any other run's into the watermark and conditions.
-async fn finished(
-    ctx: &Context,
-    sync: &BulkExportSync,
-    st: &mut BulkExportSyncStatus,
-    run: &BulkExportRun,
-    overlap: Duration,
-    scheduled: bool,
-) {
-    st.active_run = None;
-    if !super::drift::fold(ctx, sync, st, run).await {
-        fold(ctx, sync, st, run, overlap, scheduled).await;
-    }
-}
-
-/// Folds a finished run into the sync's status: results, watermark, conditions.
-async fn fold(
-    ctx: &Context,
-    sync: &BulkExportSync,
-    st: &mut BulkExportSyncStatus,
-    run: &BulkExportRun,
-    overlap: Duration,
-    scheduled: bool,
-) {
-    let gen_ = sync.metadata.generation;
-    let rs = run.status.clone().unwrap_or_default();
-    st.active_run = None;
-    let retry = if scheduled {
-        "the next scheduled run retries"
-    } else {
-        "fix the cause, then annotate the sync with fhirsync.io/run-now=<new value> to retry"
-    };
-    if rs.phase == Phase::Succeeded {
-        let moved = sync.spec.incremental
-            && match sync::watermark_after(&rs, st.watermark.as_ref().map(|t| t.0), overlap) {
-                WatermarkMove::To(w) => {
-                    st.watermark = Some(Time(w));
-                    true
-                }
-                WatermarkMove::Stays => false,
-            };
-        let total: i64 = rs.resources.values().sum();
-        st.last_run_resources = Some(total);
-        st.last_successful_run = Some(RunSummary {
-            name: run.name_any(),
-            finished_at: rs.completion_time.clone(),
-            transaction_time: rs.transaction_time.clone(),
-            resources: rs.resources.clone(),
-            deleted: rs.deleted,
-            deletion_source: rs.deletion_source,
-        });
-        let msg = format!(
-            "run {} imported {total} resources{}",
-            run.name_any(),
-            if rs.deleted > 0 { format!(" and applied {} deletions", rs.deleted) } else { String::new() }
-        );
-        set_condition(&mut st.conditions, types::READY, true, "Succeeded", msg, gen_);
-        let held = match (&st.watermark, moved) {
-            (_, true) => String::new(),
-            (Some(w), false) => format!(" The watermark stays at {} so the next run fetches again what failed.", w.0),
-            (None, false) => " The next run is a full export again, to fetch what failed.".into(),
-        };
-        let run_degraded = rs
-            .conditions
-            .iter()
-            .find(|c| c.type_ == types::DEGRADED && c.status == "True")
-            .map(|c| c.message.clone())
-            .unwrap_or_default();
-        let degraded = if rs.export_errors > 0 {
-            Some((
-                "PartialExport",
-                format!("run {}: the source reported {} export errors.{held}", run.name_any(), rs.export_errors),
-            ))
-        } else if rs.deletions_incomplete {
-            Some(("DeletionsIncomplete", format!("run {}: {run_degraded}", run.name_any())))
-        } else if rs.deletion_source == Some(crate::api::DeletionSource::Unavailable) {
-            Some(("DeletionsUnavailable", format!("run {}: {run_degraded}", run.name_any())))
-        } else {
-            None
-        };
-        match degraded {
-            Some((reason, msg)) => {
-                if reason != "PartialExport" {
-                    ctx.event(sync, EventType::Warning, reason, "Run", msg.clone()).await;
-                }
-                set_condition(&mut st.conditions, types::DEGRADED, true, reason, msg, gen_);
-            }
-            None => {
-                set_condition(&mut st.conditions, types::DEGRADED, false, "Succeeded", "the last run succeeded", gen_);
-            }
-        }
-    } else {
-        let reason = rs.reason.clone().filter(|r| !r.is_empty()).unwrap_or_else(|| "RunFailed".into());
-        let msg = format!("run {} failed: {}; {retry}", run.name_any(), rs.message.clone().unwrap_or_default());
-        set_condition(&mut st.conditions, types::READY, false, "RunFailed", msg.clone(), gen_);
-        set_condition(&mut st.conditions, types::DEGRADED, true, &reason, msg.clone(), gen_);
-        ctx.event(sync, EventType::Warning, &reason, "Run", msg).await;
-    }
 }
 
 async fn finish(

@@ -24,6 +24,8 @@ pub mod drift;
 pub mod leader;
 pub mod status;
 pub mod subscription_sync;
+mod sync_preflight;
+mod sync_runs;
 
 /// Flags of `fhirsync run`.
 #[derive(Debug, Clone, clap::Args)]

@@ -1,0 +1,155 @@
+//! The BulkExportSync controller's runs: creating one (idempotently, by its deterministic name) and
+//! folding a finished one into the sync's status — a verification's or repair's into the drift, any
+//! other run's into the watermark, the last successful run and the conditions.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::api::PostParams;
+use kube::runtime::events::EventType;
+use kube::{Api, Resource, ResourceExt};
+
+use super::{Context, Error};
+use crate::api::conditions::{set_condition, types};
+use crate::api::{
+    BulkExportRun, BulkExportRunSpec, BulkExportSync, BulkExportSyncStatus, FIELD_MANAGER, LABEL_SYNC, Phase,
+    RunSummary,
+};
+use crate::sync::{self, WatermarkMove};
+
+fn run_is_finished(r: &BulkExportRun) -> bool {
+    r.status.as_ref().is_some_and(|s| s.phase.is_finished())
+}
+
+/// Creates a run (idempotent: its name is deterministic). Returns whether a run of that name had
+/// been created and finished before (then it is not adopted as the active run).
+pub(super) async fn create_run(
+    runs_api: &Api<BulkExportRun>,
+    sync: &BulkExportSync,
+    name: &str,
+    spec: BulkExportRunSpec,
+) -> Result<bool, Error> {
+    let run = BulkExportRun {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: sync.namespace(),
+            labels: Some([(LABEL_SYNC.to_string(), sync::label_value(&sync.name_any()))].into()),
+            owner_references: sync.controller_owner_ref(&()).map(|o| vec![o]),
+            // set at creation: the run controller need not patch it in
+            finalizers: Some(vec![crate::api::FINALIZER_RUN.to_string()]),
+            ..Default::default()
+        },
+        spec,
+        status: None,
+    };
+    match runs_api.create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &run).await {
+        Ok(_) => Ok(false),
+        // created before a crash or by a decision whose status write was lost: the run's
+        // deterministic name makes this idempotent; adopt it unless it already finished
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            Ok(runs_api.get_opt(name).await?.is_some_and(|r| run_is_finished(&r)))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A finished run's results go into the sync's status: a verification's or repair's into the
+/// drift, any other run's into the watermark and conditions.
+pub(super) async fn finished(
+    ctx: &Context,
+    sync: &BulkExportSync,
+    st: &mut BulkExportSyncStatus,
+    run: &BulkExportRun,
+    overlap: Duration,
+    scheduled: bool,
+) {
+    st.active_run = None;
+    if !super::drift::fold(ctx, sync, st, run).await {
+        fold(ctx, sync, st, run, overlap, scheduled).await;
+    }
+}
+
+/// Folds a finished run into the sync's status: results, watermark, conditions.
+async fn fold(
+    ctx: &Context,
+    sync: &BulkExportSync,
+    st: &mut BulkExportSyncStatus,
+    run: &BulkExportRun,
+    overlap: Duration,
+    scheduled: bool,
+) {
+    let gen_ = sync.metadata.generation;
+    let rs = run.status.clone().unwrap_or_default();
+    st.active_run = None;
+    let retry = if scheduled {
+        "the next scheduled run retries"
+    } else {
+        "fix the cause, then annotate the sync with fhirsync.io/run-now=<new value> to retry"
+    };
+    if rs.phase == Phase::Succeeded {
+        let moved = sync.spec.incremental
+            && match sync::watermark_after(&rs, st.watermark.as_ref().map(|t| t.0), overlap) {
+                WatermarkMove::To(w) => {
+                    st.watermark = Some(Time(w));
+                    true
+                }
+                WatermarkMove::Stays => false,
+            };
+        let total: i64 = rs.resources.values().sum();
+        st.last_run_resources = Some(total);
+        st.last_successful_run = Some(RunSummary {
+            name: run.name_any(),
+            finished_at: rs.completion_time.clone(),
+            transaction_time: rs.transaction_time.clone(),
+            resources: rs.resources.clone(),
+            deleted: rs.deleted,
+            deletion_source: rs.deletion_source,
+        });
+        let msg = format!(
+            "run {} imported {total} resources{}",
+            run.name_any(),
+            if rs.deleted > 0 { format!(" and applied {} deletions", rs.deleted) } else { String::new() }
+        );
+        set_condition(&mut st.conditions, types::READY, true, "Succeeded", msg, gen_);
+        let held = match (&st.watermark, moved) {
+            (_, true) => String::new(),
+            (Some(w), false) => format!(" The watermark stays at {} so the next run fetches again what failed.", w.0),
+            (None, false) => " The next run is a full export again, to fetch what failed.".into(),
+        };
+        let run_degraded = rs
+            .conditions
+            .iter()
+            .find(|c| c.type_ == types::DEGRADED && c.status == "True")
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        let degraded = if rs.export_errors > 0 {
+            Some((
+                "PartialExport",
+                format!("run {}: the source reported {} export errors.{held}", run.name_any(), rs.export_errors),
+            ))
+        } else if rs.deletions_incomplete {
+            Some(("DeletionsIncomplete", format!("run {}: {run_degraded}", run.name_any())))
+        } else if rs.deletion_source == Some(crate::api::DeletionSource::Unavailable) {
+            Some(("DeletionsUnavailable", format!("run {}: {run_degraded}", run.name_any())))
+        } else {
+            None
+        };
+        match degraded {
+            Some((reason, msg)) => {
+                if reason != "PartialExport" {
+                    ctx.event(sync, EventType::Warning, reason, "Run", msg.clone()).await;
+                }
+                set_condition(&mut st.conditions, types::DEGRADED, true, reason, msg, gen_);
+            }
+            None => {
+                set_condition(&mut st.conditions, types::DEGRADED, false, "Succeeded", "the last run succeeded", gen_);
+            }
+        }
+    } else {
+        let reason = rs.reason.clone().filter(|r| !r.is_empty()).unwrap_or_else(|| "RunFailed".into());
+        let msg = format!("run {} failed: {}; {retry}", run.name_any(), rs.message.clone().unwrap_or_default());
+        set_condition(&mut st.conditions, types::READY, false, "RunFailed", msg.clone(), gen_);
+        set_condition(&mut st.conditions, types::DEGRADED, true, &reason, msg.clone(), gen_);
+        ctx.event(sync, EventType::Warning, &reason, "Run", msg).await;
+    }
+}
