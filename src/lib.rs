@@ -14,6 +14,7 @@ pub mod fhir;
 pub mod metrics;
 pub mod net;
 pub mod pathling;
+pub mod relay;
 pub mod run;
 pub mod schedule;
 pub mod secrets;

@@ -44,6 +44,14 @@ pub struct DriftLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RelayLabels {
+    pub namespace: String,
+    pub name: String,
+    /// `received`, `applied`, `failed`.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SubscriptionLabels {
     pub namespace: String,
     pub name: String,
@@ -69,6 +77,11 @@ pub struct Metrics {
     pub drift: Family<DriftLabels, Gauge>,
     pub in_sync: Family<SyncLabels, Gauge>,
     pub last_verification: Family<SyncLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub relay_changes: Family<RelayLabels, Counter>,
+    pub relay_writes: Family<SyncLabels, Counter>,
+    pub relay_catch_ups: Family<SyncLabels, Counter>,
+    pub relay_lag: Histogram,
+    pub relay_pending_bytes: Gauge,
 }
 
 /// Registers metrics and remembers the sample names each exposes (for the dashboard's test and docs).
@@ -150,7 +163,32 @@ impl Default for Metrics {
             "When each BulkExportSync's last verification finished (Unix time)",
             Family::default(),
         );
+        let relay_changes = r.counter(
+            "relay_changes",
+            "Changes the relay received, applied to Pathling, or failed to apply, per FhirSubscriptionSync",
+            Family::default(),
+        );
+        let relay_writes =
+            r.counter("relay_writes", "Writes the relay sent to Pathling (batches and DELETEs)", Family::default());
+        let relay_catch_ups =
+            r.counter("relay_catch_ups", "Catch-up runs the relay requested after missing changes", Family::default());
+        let relay_lag = r.add(
+            "relay_lag_seconds",
+            "Seconds from a change at the source to Pathling accepting it",
+            Histogram::new(exponential_buckets(0.05, 2.0, 16)),
+            &["_bucket", "_sum", "_count"],
+        );
+        let relay_pending_bytes = r.gauge(
+            "relay_pending_bytes",
+            "Bytes of notifications the relay holds until Pathling accepts them",
+            Gauge::default(),
+        );
         Self {
+            relay_changes,
+            relay_writes,
+            relay_catch_ups,
+            relay_lag,
+            relay_pending_bytes,
             drift,
             in_sync,
             last_verification,

@@ -27,6 +27,7 @@ fn desired(criteria: &[&str], endpoint: &str, headers: &[&str]) -> Vec<Desired> 
             send_deletes: true,
             end: None,
             reason: "test".into(),
+            how: fhirsync::fhir::subscription::How::Criteria,
         })
         .collect()
 }

@@ -35,6 +35,20 @@ pub fn identity() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// The identity this process takes part in the election with: [`identity`], and when it runs the
+/// relay's receiver and knows its pod IP (`POD_IP`), `@ip:port`, so that other replicas forward
+/// notifications to the leader.
+pub fn election_identity(args: &RunArgs) -> String {
+    let id = identity();
+    match (args.receiver.receiver_addr, std::env::var("POD_IP").ok().filter(|s| !s.is_empty())) {
+        (Some(addr), Some(ip)) if ip.parse::<std::net::IpAddr>().is_ok() => {
+            let host = if ip.contains(':') { format!("[{ip}]") } else { ip };
+            format!("{id}@{host}:{}", addr.port())
+        }
+        _ => id,
+    }
+}
+
 /// Namespace of the Lease: the flag, else the pod's namespace, else `default`.
 pub fn lease_namespace(flag: &Option<String>) -> String {
     flag.clone()
@@ -60,6 +74,11 @@ pub struct Elector {
 impl Elector {
     pub fn new(api: Api<Lease>, name: &str, id: &str, duration: Duration) -> Self {
         Self { api, name: name.into(), id: id.into(), duration, observed: None }
+    }
+
+    /// The holder last seen.
+    pub fn holder(&self) -> Option<String> {
+        self.observed.as_ref().and_then(|o| o.0.clone())
     }
 
     /// Takes or renews the lease; returns whether this process holds it now.
@@ -137,7 +156,7 @@ impl Elector {
 
 /// Waits for the lease, runs the controllers while holding it, releases it on shutdown.
 pub async fn run_with_election(args: &RunArgs, ctx: Arc<Context>, ready: Readiness) -> Result<(), Error> {
-    let id = identity();
+    let id = election_identity(args);
     let ns = lease_namespace(&args.lease_namespace);
     let secs: u64 = std::env::var("FHIRSYNC_LEASE_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(15).max(2);
     let duration = Duration::from_secs(secs);
@@ -149,8 +168,11 @@ pub async fn run_with_election(args: &RunArgs, ctx: Arc<Context>, ready: Readine
     let shutdown = ctx.shutdown.clone();
     loop {
         match elector.try_acquire_or_renew().await {
-            Ok(true) => break,
-            Ok(false) => {}
+            Ok(true) => {
+                ctx.leadership.observe(true, Some(id.clone()));
+                break;
+            }
+            Ok(false) => ctx.leadership.observe(false, elector.holder()),
             Err(e) => tracing::warn!(error = %e, "leader election: cannot read or write the Lease"),
         }
         tokio::select! {
@@ -182,6 +204,7 @@ pub async fn run_with_election(args: &RunArgs, ctx: Arc<Context>, ready: Readine
             }
         }
     };
+    ctx.leadership.observe(false, None);
     stop.cancel();
     stop_tasks(&ctx).await;
     controllers.await;

@@ -22,7 +22,9 @@ pub mod bulk_sync;
 pub mod cache;
 pub mod drift;
 pub mod leader;
+pub mod relay;
 pub mod status;
+mod subscription_desired;
 pub mod subscription_sync;
 mod sync_preflight;
 mod sync_runs;
@@ -57,6 +59,8 @@ pub struct RunArgs {
     /// Log level (tracing EnvFilter directive, e.g. info or fhirsync=debug).
     #[arg(long, default_value = "info")]
     pub log_level: String,
+    #[command(flatten)]
+    pub receiver: relay::ReceiverArgs,
 }
 
 /// Controller errors (reconciles are retried with backoff).
@@ -110,6 +114,14 @@ pub struct Context {
     pub deferred: Mutex<std::collections::HashSet<String>>,
     /// The last status this process wrote to each BulkExportSync.
     pub sync_writes: status::OwnWrites<crate::api::BulkExportSyncStatus>,
+    /// The relay of this process (FhirSubscriptionSyncs with `delivery: Relay`).
+    pub relay: Arc<crate::relay::Relay>,
+    /// Wakes the FhirSubscriptionSync controller when a sync's relay counters changed.
+    pub relay_wake: tokio::sync::broadcast::Sender<(String, String)>,
+    /// The receiver's base URL as sources reach it (`--receiver-url`).
+    pub receiver_url: Option<url::Url>,
+    /// Whether this process relays, or forwards to the lease holder.
+    pub leadership: Arc<crate::relay::receiver::Leadership>,
     /// The cached BulkExportSyncs (set when their controller starts): which syncs share a Pathling.
     pub sync_store: std::sync::OnceLock<kube::runtime::reflector::Store<crate::api::BulkExportSync>>,
     /// When each FhirSubscriptionSync (by uid) was last verified in this process.
@@ -220,12 +232,31 @@ async fn run_inner(args: RunArgs) -> Result<(), Error> {
             }
         })
     };
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter { controller: "fhirsync".into(), instance: std::env::var("POD_NAME").ok() },
+    );
+    let leadership = Arc::new(if args.leader_elect {
+        crate::relay::receiver::Leadership::elected()
+    } else {
+        crate::relay::receiver::Leadership::default()
+    });
+    let (relay, relay_wake) = relay::start(
+        &args.receiver,
+        client.clone(),
+        metrics.clone(),
+        leadership.clone(),
+        recorder.clone(),
+        shutdown.clone(),
+    )
+    .await?;
     let ctx = Arc::new(Context {
         client: client.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter { controller: "fhirsync".into(), instance: std::env::var("POD_NAME").ok() },
-        ),
+        recorder,
+        relay,
+        relay_wake,
+        receiver_url: args.receiver.receiver_url.clone(),
+        leadership,
         metrics,
         locks: KeyedLocks::default(),
         secrets: Arc::new(KubeSecrets::new(client.clone())),

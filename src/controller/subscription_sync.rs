@@ -1,6 +1,7 @@
-//! FhirSubscriptionSync controller: ensure, verify, repair and finally remove the rest-hook
-//! Subscriptions on the source. The protocol lives in `fhir::subscription`; this only maps spec to
-//! desired Subscriptions and outcomes to status.
+//! FhirSubscriptionSync controller: ensure, verify, repair and finally remove the Subscriptions (and,
+//! for topic-based sources, the topics) on the source; in Relay mode, configure the relay and show
+//! its counters. The protocol lives in `fhir::subscription` and `relay`; this maps spec to desired
+//! Subscriptions and outcomes to status (`subscription_desired.rs` builds what is desired).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,11 +21,12 @@ use super::{Context, Error, ReadyCheck};
 use crate::api::conditions::{set_condition, set_insecure_tls, types};
 use crate::api::validate::{server_timing, validate_subscription_sync};
 use crate::api::{
-    FINALIZER_SUBSCRIPTIONS, FhirSubscriptionSync, FhirSubscriptionSyncStatus, OWNER_TAG_SYSTEM, SubscriptionState,
+    Delivery, FINALIZER_SUBSCRIPTIONS, FhirSubscriptionSync, FhirSubscriptionSyncStatus, OWNER_TAG_SYSTEM,
+    SubscriptionState,
 };
 use crate::fhir::client::Error as HttpError;
 use crate::fhir::retry::backoff;
-use crate::fhir::subscription::{Desired, SubscriptionClient, Tag, header_lines};
+use crate::fhir::subscription::{SubscriptionClient, Tag};
 use crate::run::resolve;
 
 /// Builds the controller future and its cache-sync check.
@@ -34,7 +36,9 @@ pub fn controller(
     stop: CancellationToken,
 ) -> (BoxFuture<'static, ()>, ReadyCheck) {
     let (stream, store) = super::cache::watch::<FhirSubscriptionSync>(&ctx.client, &ns);
-    super::launch(Controller::for_stream(stream, store), ctx, stop, reconcile)
+    // the relay's counters changed: the status follows
+    let wake = super::relay::wakeups(&ctx.relay_wake, ns);
+    super::launch(Controller::for_stream(stream, store).reconcile_on(wake), ctx, stop, reconcile)
 }
 
 async fn reconcile(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -49,14 +53,14 @@ async fn reconcile(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<
     .map_err(|e| Error::Finalizer(e.to_string()))
 }
 
-fn owner_tag(obj: &FhirSubscriptionSync) -> Tag {
+pub(super) fn owner_tag(obj: &FhirSubscriptionSync) -> Tag {
     Tag {
         system: OWNER_TAG_SYSTEM.into(),
         code: format!("{}/{}/{}", obj.namespace().unwrap_or_default(), obj.name_any(), obj.uid().unwrap_or_default()),
     }
 }
 
-async fn write_status(
+pub(super) async fn write_status(
     api: &Api<FhirSubscriptionSync>,
     obj: &FhirSubscriptionSync,
     before: &FhirSubscriptionSyncStatus,
@@ -118,7 +122,19 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
     let uid = obj.uid().unwrap_or_default();
     let settled = before.observed_generation == gen_
         && before.conditions.iter().any(|c| c.type_ == types::READY && c.status == "True");
+    if spec.delivery == Delivery::Relay {
+        if ctx.relay.status(&ns, &name).is_none() {
+            // new to this process (a restart, a new leader): relay at once, verify on schedule
+            let timing = server_timing(&spec.source, "spec.source").unwrap_or_else(|_| default_timing());
+            if let Ok(h) = resolve::http_client(&spec.source, &timing, &ns, ctx.secrets.as_ref(), "spec.source").await {
+                let _ = super::subscription_desired::configure_relay(&ctx, &obj, &h.client).await;
+            }
+        }
+        st.relay = ctx.relay.status(&ns, &name).or(st.relay.take());
+        super::subscription_desired::missed_condition(&mut st, spec, gen_);
+    }
     if let Some(wait) = ctx.verification_wait(&uid, verify, settled) {
+        write_status(&api, &obj, &before, &st).await?;
         return Ok(Action::requeue(wait));
     }
     ctx.verified(&uid);
@@ -146,51 +162,24 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
         }
     };
     st.fhir_version = Some(caps.fhir_version.clone());
-    if let Some(why) = caps.unsupported() {
+    let unsupported = match spec.delivery {
+        Delivery::Direct => caps.direct_unsupported(),
+        Delivery::Relay => caps.unsupported(),
+    };
+    if let Some(why) = unsupported {
         not_ready(&mut st, gen_, "SourceUnsupported", why);
         write_status(&api, &obj, &before, &st).await?;
         return Ok(Action::requeue(verify));
     }
-    let headers = match &spec.headers_ref {
-        None => vec![],
-        Some(r) => {
-            let parsed = match ctx.secrets.get(&ns, r).await {
-                Ok(raw) => {
-                    String::from_utf8(raw).map_err(|_| "is not UTF-8 text".to_string()).and_then(|t| header_lines(&t))
-                }
-                Err(e) => {
-                    not_ready(&mut st, gen_, "AuthFailed", format!("spec.headersRef: {e}"));
-                    write_status(&api, &obj, &before, &st).await?;
-                    return Ok(retry_soon);
-                }
-            };
-            match parsed {
-                Ok(h) => h,
-                Err(why) => {
-                    not_ready(
-                        &mut st,
-                        gen_,
-                        "InvalidSpec",
-                        format!("Secret {ns}/{} key {:?} (spec.headersRef): {why}", r.name, r.key),
-                    );
-                    write_status(&api, &obj, &before, &st).await?;
-                    return Ok(retry_soon);
-                }
-            }
+    let mut plan = match super::subscription_desired::plan(&ctx, &obj, &caps, client.http()).await {
+        Ok(p) => p,
+        Err((reason, msg)) => {
+            not_ready(&mut st, gen_, &reason, msg);
+            write_status(&api, &obj, &before, &st).await?;
+            return Ok(retry_soon);
         }
     };
-    let desired: Vec<Desired> = spec
-        .criteria
-        .iter()
-        .map(|c| Desired {
-            criteria: c.clone(),
-            endpoint: spec.endpoint.clone(),
-            headers: headers.clone(),
-            send_deletes: spec.send_deletes,
-            end: spec.end.as_ref().map(|t| t.0.to_string()),
-            reason: format!("fhirsync {ns}/{name}: deliver changes into Pathling"),
-        })
-        .collect();
+    let desired = std::mem::take(&mut plan.desired);
     let prev: HashMap<String, SubscriptionState> =
         before.subscriptions.iter().map(|s| (s.criteria.clone(), s.clone())).collect();
     let now = Timestamp::now();
@@ -206,6 +195,18 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
     };
     let tag = owner_tag(&obj);
     let outcome = match client.reconcile(&tag, &desired, may_retry).await {
+        Ok(o) => {
+            // topics no longer served by any criteria go (after their Subscriptions)
+            if let Some(topics) = &plan.topics
+                && let Err(e) = topics.remove_owned(&tag, &plan.topic_urls).await
+            {
+                tracing::warn!(fss = %format!("{ns}/{name}"), error = %e, "could not remove unused topics");
+            }
+            Ok(o)
+        }
+        Err(e) => Err(e),
+    };
+    let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
             let reason = http_reason(&e);
@@ -264,8 +265,15 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
             };
             // written only when the state changes: a verification that finds nothing new writes nothing
             let unchanged = p.is_some_and(|p| p.status == s.status && p.error == error && p.retries == retries);
+            let since = match p {
+                Some(p) if p.status == s.status => p.since.clone(),
+                _ => Some(Time(now)),
+            };
             SubscriptionState {
                 criteria: s.criteria.clone(),
+                kind: plan.kind.into(),
+                topic: plan.topic_of(&s.criteria),
+                since,
                 id: Some(s.id.clone()),
                 status: s.status.clone(),
                 last_verified: if unchanged { p.and_then(|p| p.last_verified.clone()) } else { Some(Time(now)) },
@@ -310,8 +318,10 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
             })
             .collect();
         let msg = format!(
-            "{}; re-requested with backoff. Check that the source can reach spec.endpoint and that Pathling accepts its PUTs (headersRef)",
-            desc.join("; ")
+            "{}; re-requested with backoff. Check that the source can reach {} and that Pathling accepts its writes ({})",
+            desc.join("; "),
+            if spec.delivery == Delivery::Relay { "the receiver (--receiver-url)" } else { "spec.endpoint" },
+            if spec.delivery == Delivery::Relay { "spec.target.auth" } else { "headersRef" }
         );
         let was = before
             .conditions
@@ -331,7 +341,18 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
             format!("{} of {total} Subscriptions are still requested: the source activates them", total - active),
             gen_,
         );
-        set_condition(&mut st.conditions, types::DEGRADED, false, "Requested", "waiting for the source", gen_);
+        match super::subscription_desired::stuck(&st.subscriptions, now, spec.delivery) {
+            Some(msg) => {
+                let was = before.conditions.iter().any(|c| c.type_ == types::DEGRADED && c.reason == "NotActivated");
+                if !was {
+                    ctx.event(obj.as_ref(), EventType::Warning, "NotActivated", "Verify", msg.clone()).await;
+                }
+                set_condition(&mut st.conditions, types::DEGRADED, true, "NotActivated", msg, gen_);
+            }
+            None => {
+                set_condition(&mut st.conditions, types::DEGRADED, false, "Requested", "waiting for the source", gen_);
+            }
+        }
         // sources activate within seconds: look again soon — and a first status that would only
         // say "requested" waits for that look (one write instead of two)
         if before.observed_generation.is_none() && ctx.defer_first_write(&uid) {
@@ -350,6 +371,10 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
         set_condition(&mut st.conditions, types::DEGRADED, false, "AllActive", "all Subscriptions are active", gen_);
         Action::requeue(verify)
     };
+    if spec.delivery == Delivery::Relay {
+        st.relay = ctx.relay.status(&ns, &name).or(st.relay.take());
+        super::subscription_desired::missed_condition(&mut st, spec, gen_);
+    }
     if !write_status(&api, &obj, &before, &st).await? {
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
@@ -363,9 +388,10 @@ async fn cleanup(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Ac
     let name = obj.name_any();
     let api: Api<FhirSubscriptionSync> = Api::namespaced(ctx.client.clone(), &ns);
     let timing = server_timing(&obj.spec.source, "spec.source").unwrap_or_else(|_| default_timing());
+    ctx.relay.forget(&ns, &name);
     let result = match resolve::http_client(&obj.spec.source, &timing, &ns, ctx.secrets.as_ref(), "spec.source").await {
         Err(f) => Err(f.failure.message),
-        Ok(h) => SubscriptionClient::new(h.client).remove_all(&owner_tag(&obj)).await.map_err(|e| e.to_string()),
+        Ok(h) => super::subscription_desired::remove_all(h.client, &owner_tag(&obj)).await.map_err(|e| e.to_string()),
     };
     match result {
         Ok(n) => {
@@ -374,7 +400,7 @@ async fn cleanup(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Ac
                 EventType::Normal,
                 "Cleaned",
                 "Cleanup",
-                format!("removed {n} Subscriptions from the source"),
+                format!("removed {n} Subscriptions and topics from the source"),
             )
             .await;
             Ok(Action::await_change())

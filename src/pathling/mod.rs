@@ -17,7 +17,9 @@ use crate::fhir::outcome::OperationOutcome;
 use crate::fhir::retry::retry_after;
 use crate::text::{describe_text_body, peer_text, redact};
 
+mod batch;
 mod export;
+pub use batch::{MAX_ENTRIES as BATCH_MAX, Put};
 pub use export::{ExportPoll, export_manifest};
 
 /// Largest `$job` result read.

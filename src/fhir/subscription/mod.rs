@@ -1,122 +1,20 @@
-//! R4 rest-hook Subscriptions on a source server: capability check, finding the ones fhirsync owns
-//! (by `meta.tag`), creating, updating, re-requesting and deleting them. No Kubernetes types.
+//! Subscriptions on a source server: what kind of Subscriptions it takes, finding the ones fhirsync
+//! owns (by `meta.tag`), creating, updating, re-requesting and deleting them; topics in [`topic`],
+//! shapes in [`shape`]. No Kubernetes types.
 
 use std::collections::BTreeMap;
 
 use reqwest::header::{ACCEPT, CONTENT_TYPE, LOCATION};
 use reqwest::{Method, StatusCode};
-use serde_json::{Value, json};
+use serde_json::Value;
 use url::Url;
 
 use super::client::{Error, HttpClient, Request};
 use crate::text::redact;
 
-/// HAPI's channel extension that turns on DELETE notifications.
-pub const SEND_DELETES_EXT: &str = "http://hapifhir.io/fhir/StructureDefinition/subscription-send-delete-messages";
-
-/// The owner mark put in `meta.tag`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tag {
-    pub system: String,
-    pub code: String,
-}
-
-/// What one Subscription should look like.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Desired {
-    pub criteria: String,
-    pub endpoint: String,
-    /// `Name: value` lines for `channel.header`.
-    pub headers: Vec<String>,
-    pub send_deletes: bool,
-    pub end: Option<String>,
-    pub reason: String,
-}
-
-impl Desired {
-    /// The Subscription resource (status `requested`: only the server activates it).
-    pub fn resource(&self, tag: &Tag, id: Option<&str>) -> Value {
-        let mut channel = json!({
-            "type": "rest-hook",
-            "endpoint": self.endpoint,
-            "payload": "application/fhir+json",
-        });
-        if !self.headers.is_empty() {
-            channel["header"] = json!(self.headers);
-        }
-        if self.send_deletes {
-            channel["extension"] = json!([{"url": SEND_DELETES_EXT, "valueBoolean": true}]);
-        }
-        let mut r = json!({
-            "resourceType": "Subscription",
-            "meta": {"tag": [{"system": tag.system, "code": tag.code}]},
-            "status": "requested",
-            "reason": self.reason,
-            "criteria": self.criteria,
-            "channel": channel,
-        });
-        if let Some(e) = &self.end {
-            r["end"] = json!(e);
-        }
-        if let Some(id) = id {
-            r["id"] = json!(id);
-        }
-        r
-    }
-
-    /// Whether an existing Subscription differs in anything fhirsync controls.
-    pub fn differs_from(&self, existing: &Value) -> bool {
-        let ch = &existing["channel"];
-        let headers: Vec<String> = ch["header"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|h| h.as_str().map(str::to_string)).collect())
-            .unwrap_or_default();
-        let sends_deletes = ch["extension"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|e| e["url"] == SEND_DELETES_EXT && e["valueBoolean"] == true));
-        let end_same = match (&self.end, existing["end"].as_str()) {
-            (None, None) => true,
-            (Some(a), Some(b)) => same_instant(a, b),
-            _ => false,
-        };
-        existing["criteria"].as_str() != Some(self.criteria.as_str())
-            || ch["type"] != "rest-hook"
-            || ch["endpoint"].as_str() != Some(self.endpoint.as_str())
-            || ch["payload"].as_str() != Some("application/fhir+json")
-            || headers != self.headers
-            || sends_deletes != self.send_deletes
-            || !end_same
-    }
-}
-
-fn same_instant(a: &str, b: &str) -> bool {
-    match (a.parse::<jiff::Timestamp>(), b.parse::<jiff::Timestamp>()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => a == b,
-    }
-}
-
-/// A Subscription found on the source.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Existing {
-    pub id: String,
-    pub criteria: String,
-    pub status: String,
-    pub error: String,
-    pub resource: Value,
-}
-
-impl Existing {
-    fn from(v: Value) -> Option<Self> {
-        Some(Self {
-            id: v["id"].as_str()?.to_string(),
-            criteria: v["criteria"].as_str().unwrap_or_default().to_string(),
-            status: v["status"].as_str().unwrap_or_default().to_string(),
-            error: v["error"].as_str().unwrap_or_default().to_string(),
-            resource: v,
-        })
-    }
-}
+mod shape;
+pub mod topic;
+pub use shape::*;
 
 /// What the source's CapabilityStatement says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,20 +22,19 @@ pub struct Capabilities {
     pub fhir_version: String,
     pub subscription_create: bool,
     pub subscription_search: bool,
+    /// `software.name`.
+    pub software: String,
+    /// Its Subscriptions are topic-based, and how (R4B/R5, or R4 with the Subscriptions Backport —
+    /// said in the statement, or known of the server: Helios says nothing of it).
+    pub topics: Option<TopicStyle>,
 }
 
 impl Capabilities {
-    /// Why the source cannot host fhirsync's Subscriptions, if it cannot.
+    /// Why the source cannot host fhirsync's Subscriptions at all, if it cannot.
     pub fn unsupported(&self) -> Option<String> {
         let v = &self.fhir_version;
-        if v.starts_with('5') || v.starts_with('6') {
-            return Some(format!(
-                "the source speaks FHIR {v}, whose Subscriptions are topic-based (they POST notification Bundles, \
-                 which Pathling cannot take); use an R4 server or pair a BulkExportSync with a receiver"
-            ));
-        }
-        if !(v.starts_with("4.0") || v.starts_with("4.3")) {
-            return Some(format!("the source speaks FHIR {v}; fhirsync manages R4 (4.0) and R4B (4.3) Subscriptions"));
+        if !(v.starts_with("4.0") || v.starts_with("4.3") || v.starts_with('5') || v.starts_with('6')) {
+            return Some(format!("the source speaks FHIR {v}; fhirsync manages R4, R4B and R5 Subscriptions"));
         }
         if !self.subscription_create || !self.subscription_search {
             return Some(
@@ -148,6 +45,45 @@ impl Capabilities {
         }
         None
     }
+
+    /// Why the source cannot deliver straight into Pathling (`delivery: Direct`), if it cannot.
+    pub fn direct_unsupported(&self) -> Option<String> {
+        if let Some(why) = self.unsupported() {
+            return Some(why);
+        }
+        if self.topics.is_some() {
+            return Some(format!(
+                "the source ({}, FHIR {}) has topic-based Subscriptions: it POSTs notification Bundles, which Pathling \
+                 cannot take. Set spec.delivery: Relay (fhirsync's receiver writes the changes into spec.target)",
+                if self.software.is_empty() { "unnamed" } else { &self.software },
+                self.fhir_version
+            ));
+        }
+        if self.software.to_ascii_lowercase().contains("medplum") {
+            return Some(
+                "Medplum POSTs resources to the bare endpoint, which Pathling cannot take: set spec.delivery: Relay"
+                    .into(),
+            );
+        }
+        None
+    }
+}
+
+/// Reads the kind of Subscriptions from a CapabilityStatement.
+pub fn topic_style(v: &Value) -> Option<TopicStyle> {
+    let version = v["fhirVersion"].as_str().unwrap_or_default();
+    if version.starts_with('5') || version.starts_with('6') {
+        return Some(TopicStyle::R5);
+    }
+    if version.starts_with("4.3") {
+        return Some(TopicStyle::BackportTopic);
+    }
+    let software = v["software"]["name"].as_str().unwrap_or_default().to_ascii_lowercase();
+    let text = v.to_string();
+    if text.contains("subscriptions-backport") || software.contains("helios") {
+        return Some(TopicStyle::BackportBasic);
+    }
+    None
 }
 
 /// What one reconciliation did.
@@ -175,6 +111,11 @@ impl SubscriptionClient {
     /// Wraps an HTTP client for the source.
     pub fn new(http: HttpClient) -> Self {
         Self { http }
+    }
+
+    /// The underlying HTTP client.
+    pub fn http(&self) -> &HttpClient {
+        &self.http
     }
 
     async fn json(&self, req: Request) -> Result<(StatusCode, Option<Url>, Value), Error> {
@@ -211,9 +152,11 @@ impl SubscriptionClient {
             sub.and_then(|s| s["interaction"].as_array()).is_some_and(|a| a.iter().any(|i| i["code"] == code))
         };
         Ok(Capabilities {
-            fhir_version: v["fhirVersion"].as_str().unwrap_or("unknown").to_string(),
+            fhir_version: crate::text::peer_text(v["fhirVersion"].as_str().unwrap_or("unknown"), 32),
             subscription_create: has("create"),
             subscription_search: has("search-type"),
+            software: crate::text::peer_text(v["software"]["name"].as_str().unwrap_or_default(), 64),
+            topics: topic_style(&v),
         })
     }
 
@@ -387,50 +330,35 @@ pub fn header_lines(text: &str) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn d() -> Desired {
-        Desired {
-            criteria: "Observation?status=final".into(),
-            endpoint: "http://pathling/fhir".into(),
-            headers: vec!["Authorization: Bearer x".into()],
-            send_deletes: true,
-            end: Some("2027-01-01T00:00:00Z".into()),
-            reason: "r".into(),
-        }
-    }
-
-    #[test]
-    fn resource_shape_and_change_detection() {
-        let tag = Tag { system: "https://fhirsync.io/owner".into(), code: "ns/n/uid".into() };
-        let r = d().resource(&tag, Some("7"));
-        assert_eq!(r["channel"]["payload"], "application/fhir+json");
-        assert_eq!(r["channel"]["type"], "rest-hook");
-        assert_eq!(r["status"], "requested");
-        assert_eq!(r["channel"]["extension"][0]["url"], SEND_DELETES_EXT);
-        assert_eq!(r["meta"]["tag"][0]["code"], "ns/n/uid");
-        // a server echoes it back with its own additions and another instant format: no change
-        let mut echoed = r.clone();
-        echoed["status"] = json!("active");
-        echoed["end"] = json!("2027-01-01T00:00:00.000+00:00");
-        echoed["meta"]["versionId"] = json!("3");
-        assert!(!d().differs_from(&echoed));
-        let mut other = d();
-        other.endpoint = "http://elsewhere/fhir".into();
-        assert!(other.differs_from(&echoed));
-        let mut other = d();
-        other.send_deletes = false;
-        assert!(other.differs_from(&echoed));
-    }
+    use serde_json::json;
 
     #[test]
     fn headers_and_capabilities() {
         assert_eq!(header_lines("Authorization: Bearer x\n\nX-A: b\n").unwrap().len(), 2);
         assert!(header_lines("not a header").is_err());
-        let c = Capabilities { fhir_version: "5.0.0".into(), subscription_create: true, subscription_search: true };
-        assert!(c.unsupported().unwrap().contains("topic-based"));
-        let c = Capabilities { fhir_version: "4.0.1".into(), subscription_create: false, subscription_search: true };
+        let caps = |v: Value| Capabilities {
+            fhir_version: v["fhirVersion"].as_str().unwrap().into(),
+            subscription_create: true,
+            subscription_search: true,
+            software: v["software"]["name"].as_str().unwrap_or_default().into(),
+            topics: topic_style(&v),
+        };
+        let r5 = caps(json!({"fhirVersion": "5.0.0"}));
+        assert!(r5.unsupported().is_none());
+        assert!(r5.direct_unsupported().unwrap().contains("spec.delivery: Relay"));
+        let helios = caps(json!({"fhirVersion": "4.0.1", "software": {"name": "Helios FHIR Server"}}));
+        assert_eq!(helios.topics, Some(TopicStyle::BackportBasic));
+        assert!(helios.direct_unsupported().unwrap().contains("topic-based"));
+        let backport = caps(
+            json!({"fhirVersion": "4.0.1", "implementationGuide": ["http://hl7.org/fhir/uv/subscriptions-backport/ImplementationGuide/hl7.fhir.uv.subscriptions-backport"]}),
+        );
+        assert_eq!(backport.topics, Some(TopicStyle::BackportBasic));
+        let hapi = caps(json!({"fhirVersion": "4.0.1", "software": {"name": "HAPI FHIR Server"}}));
+        assert!(hapi.direct_unsupported().is_none() && hapi.topics.is_none());
+        let medplum = caps(json!({"fhirVersion": "4.0.1", "software": {"name": "Medplum"}}));
+        assert!(medplum.direct_unsupported().unwrap().contains("Medplum"));
+        let mut c = caps(json!({"fhirVersion": "4.0.1"}));
+        c.subscription_create = false;
         assert!(c.unsupported().unwrap().contains("resthook_enabled"));
-        let c = Capabilities { fhir_version: "4.0.1".into(), subscription_create: true, subscription_search: true };
-        assert!(c.unsupported().is_none());
     }
 }

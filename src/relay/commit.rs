@@ -1,0 +1,242 @@
+//! Group commit into Pathling. Changes queue up while a write is in flight; the next write takes all
+//! of them at once: one `batch` of PUTs (the latest change per resource wins) and a DELETE per deleted
+//! resource. On an idle system a change is written at once; under load, a thousand changes cost a
+//! handful of writes. Every submitter learns the outcome of its own changes: a source is acknowledged
+//! only once Pathling accepted.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::fhir::client::Error as HttpError;
+use crate::pathling::{BATCH_MAX, PathlingClient, Put};
+use crate::run::policy::{Class, classify};
+
+/// Bytes of resources in one batch.
+pub const BATCH_BYTES: usize = 8 << 20;
+/// How long a write is retried (busy or transient Pathling) before its sources are told to come back.
+pub const RETRY_FOR: Duration = Duration::from_secs(5);
+/// What sources are told to wait when Pathling is unavailable.
+pub const COME_BACK: Duration = Duration::from_secs(10);
+/// DELETEs sent at once.
+const PARALLEL_DELETES: usize = 4;
+
+/// A change ready to be written.
+#[derive(Debug, Clone)]
+pub enum Write {
+    Upsert { type_: String, id: String, resource: Box<RawValue> },
+    Delete { type_: String, id: String },
+}
+
+impl Write {
+    fn key(&self) -> (String, String) {
+        match self {
+            Write::Upsert { type_, id, .. } | Write::Delete { type_, id } => (type_.clone(), id.clone()),
+        }
+    }
+    fn bytes(&self) -> usize {
+        match self {
+            Write::Upsert { resource, .. } => resource.get().len(),
+            Write::Delete { .. } => 64,
+        }
+    }
+}
+
+/// What became of a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Pathling accepted it.
+    Applied,
+    /// Pathling is unavailable: the source should send it again later.
+    Unavailable(String),
+    /// Pathling refused it for good (the change is lost to push; a catch-up brings it).
+    Rejected(String),
+}
+
+/// What one write did, for the sync's counters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WriteReport {
+    pub applied: usize,
+    pub failed: usize,
+    pub requests: usize,
+    /// The oldest change's wait from receipt to acceptance.
+    pub oldest: Duration,
+}
+
+struct Job {
+    write: Write,
+    at: Instant,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// Receives each write's report.
+pub type Report = Arc<dyn Fn(WriteReport) + Send + Sync>;
+
+/// The committer of one sync's target.
+#[derive(Clone)]
+pub struct Committer {
+    tx: mpsc::UnboundedSender<Job>,
+}
+
+impl Committer {
+    /// Starts the commit loop for `pathling`; it ends with `stop` or when the committer is dropped.
+    pub fn start(pathling: PathlingClient, report: Report, stop: CancellationToken) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(pathling, rx, report, stop));
+        Self { tx }
+    }
+
+    /// Submits changes and waits for their outcomes (in order).
+    pub async fn submit(&self, writes: Vec<Write>) -> Vec<Outcome> {
+        let mut waits = vec![];
+        for w in writes {
+            let (reply, rx) = oneshot::channel();
+            if self.tx.send(Job { write: w, at: Instant::now(), reply }).is_err() {
+                waits.push(None);
+            } else {
+                waits.push(Some(rx));
+            }
+        }
+        let mut out = vec![];
+        for w in waits {
+            out.push(match w {
+                Some(rx) => rx.await.unwrap_or_else(|_| Outcome::Unavailable("the relay is stopping".into())),
+                None => Outcome::Unavailable("the relay is stopping".into()),
+            });
+        }
+        out
+    }
+}
+
+async fn run(pathling: PathlingClient, mut rx: mpsc::UnboundedReceiver<Job>, report: Report, stop: CancellationToken) {
+    loop {
+        let first = tokio::select! {
+            j = rx.recv() => match j { Some(j) => j, None => return },
+            _ = stop.cancelled() => return,
+        };
+        let mut jobs = vec![first];
+        let mut bytes = jobs[0].write.bytes();
+        while jobs.len() < BATCH_MAX && bytes < BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(j) => {
+                    bytes += j.write.bytes();
+                    jobs.push(j);
+                }
+                Err(_) => break,
+            }
+        }
+        let oldest = jobs.iter().map(|j| j.at).min().unwrap_or_else(Instant::now);
+        let (outcomes, requests) = commit(&pathling, &jobs, &stop).await;
+        let mut r = WriteReport { requests, oldest: oldest.elapsed(), ..Default::default() };
+        for (job, o) in jobs.into_iter().zip(outcomes) {
+            match &o {
+                Outcome::Applied => r.applied += 1,
+                Outcome::Rejected(_) => r.failed += 1,
+                Outcome::Unavailable(_) => {}
+            }
+            let _ = job.reply.send(o);
+        }
+        report(r);
+    }
+}
+
+/// Writes one group; returns each job's outcome and the requests sent.
+async fn commit(pathling: &PathlingClient, jobs: &[Job], stop: &CancellationToken) -> (Vec<Outcome>, usize) {
+    // the latest change per resource wins; every job for it shares its outcome
+    let mut last: HashMap<(String, String), usize> = HashMap::new();
+    for (i, j) in jobs.iter().enumerate() {
+        last.insert(j.write.key(), i);
+    }
+    let mut winners: Vec<usize> = last.values().copied().collect();
+    winners.sort_unstable();
+    let upserts: Vec<usize> =
+        winners.iter().copied().filter(|i| matches!(jobs[*i].write, Write::Upsert { .. })).collect();
+    let deletes: Vec<usize> =
+        winners.iter().copied().filter(|i| matches!(jobs[*i].write, Write::Delete { .. })).collect();
+    let mut result: HashMap<usize, Outcome> = HashMap::new();
+    let mut requests = 0;
+    if !upserts.is_empty() {
+        let puts: Vec<Put<'_>> = upserts
+            .iter()
+            .filter_map(|i| match &jobs[*i].write {
+                Write::Upsert { type_, id, resource } => Some(Put { type_, id, resource }),
+                Write::Delete { .. } => None,
+            })
+            .collect();
+        let (o, n) = with_retries(stop, || pathling.batch_put(&puts)).await;
+        requests += n;
+        match o {
+            Ok(()) => upserts.iter().for_each(|i| drop(result.insert(*i, Outcome::Applied))),
+            Err(Outcome::Rejected(why)) if puts.len() > 1 => {
+                // one bad entry fails Pathling's whole batch: find it, write the others
+                tracing::warn!(error = %why, entries = puts.len(), "Pathling refused a batch; writing its entries one by one");
+                for (i, p) in upserts.iter().zip(&puts) {
+                    let (o, n) = with_retries(stop, || pathling.put(*p)).await;
+                    requests += n;
+                    result.insert(*i, o.err().unwrap_or(Outcome::Applied));
+                }
+            }
+            Err(o) => upserts.iter().for_each(|i| drop(result.insert(*i, o.clone()))),
+        }
+    }
+    if !deletes.is_empty() {
+        let done: Vec<(usize, Outcome, usize)> = futures::stream::iter(deletes.iter().copied())
+            .map(|i| async move {
+                let (type_, id) = jobs[i].write.key();
+                let (o, n) = with_retries(stop, || pathling.delete_resource(&type_, &id)).await;
+                (i, o.err().unwrap_or(Outcome::Applied), n)
+            })
+            .buffer_unordered(PARALLEL_DELETES)
+            .collect()
+            .await;
+        for (i, o, n) in done {
+            requests += n;
+            result.insert(i, o);
+        }
+    }
+    let outcomes =
+        jobs.iter().map(|j| result.get(&last[&j.write.key()]).cloned().unwrap_or(Outcome::Applied)).collect();
+    (outcomes, requests)
+}
+
+/// Runs `f` until it succeeds, fails for good, or [`RETRY_FOR`] has passed; returns the requests sent.
+async fn with_retries<F, Fut>(stop: &CancellationToken, f: F) -> (Result<(), Outcome>, usize)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), HttpError>>,
+{
+    let start = Instant::now();
+    let mut n = 0;
+    let mut wait = Duration::from_millis(250);
+    loop {
+        n += 1;
+        match f().await {
+            Ok(()) => return (Ok(()), n),
+            Err(e) => {
+                let class = classify(&e);
+                let msg = crate::text::peer_text(&e.to_string(), crate::text::PEER_TEXT_MAX);
+                if matches!(class, Class::Permanent | Class::Invalid) {
+                    return (Err(Outcome::Rejected(msg)), n);
+                }
+                if class == Class::Auth {
+                    // a credential to fix: the source keeps the change and sends it again
+                    return (Err(Outcome::Unavailable(msg)), n);
+                }
+                if start.elapsed() + wait > RETRY_FOR {
+                    return (Err(Outcome::Unavailable(msg)), n);
+                }
+                let pause = e.retry_after().map(|r| r.min(RETRY_FOR)).unwrap_or(wait);
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.cancelled() => return (Err(Outcome::Unavailable("the relay is stopping".into())), n),
+                }
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The receiver: the HTTP side of the relay, on `--receiver-addr` in every replica. Sources call
+//! `{--receiver-url}/fss/{namespace}/{name}` (plus `/{Type}/{id}` for classic rest-hooks). A replica
+//! that does not hold the lease forwards the request to the one that does (the lease holder's identity
+//! carries its receiver address), so gap detection and group commit see every notification of a
+//! sync in one place. Optional TLS (`--receiver-tls-cert`, `--receiver-tls-key`).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use tokio_util::sync::CancellationToken;
+
+use super::{Answer, BODY_MAX, Incoming, Relay};
+
+/// Marks a request forwarded by another replica (never forwarded twice).
+const FORWARDED: &str = "x-fhirsync-forwarded";
+
+/// Who processes notifications: this process, or the lease holder.
+#[derive(Default)]
+pub struct Leadership {
+    elected: AtomicBool,
+    leader: AtomicBool,
+    holder: Mutex<Option<String>>,
+}
+
+enum Route {
+    Local,
+    To(String),
+    Unknown,
+}
+
+impl Leadership {
+    /// Leader election is in use: only the holder processes.
+    pub fn elected() -> Self {
+        Self { elected: AtomicBool::new(true), ..Default::default() }
+    }
+
+    /// Records what the last look at the lease found.
+    pub fn observe(&self, this_is_leader: bool, holder: Option<String>) {
+        self.leader.store(this_is_leader, Ordering::SeqCst);
+        *self.holder.lock().unwrap_or_else(|p| p.into_inner()) = holder;
+    }
+
+    fn route(&self) -> Route {
+        if !self.elected.load(Ordering::SeqCst) || self.leader.load(Ordering::SeqCst) {
+            return Route::Local;
+        }
+        // identities look like `pod@10.1.2.3:8443` when the holder runs a receiver
+        match self.holder.lock().unwrap_or_else(|p| p.into_inner()).as_deref().and_then(|h| h.split_once('@')) {
+            Some((_, addr)) if !addr.is_empty() => Route::To(addr.to_string()),
+            _ => Route::Unknown,
+        }
+    }
+}
+
+/// The receiver's settings.
+#[derive(Clone)]
+pub struct Settings {
+    pub addr: SocketAddr,
+    /// TLS certificate chain and key (PEM), when the receiver serves HTTPS itself.
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+#[derive(Clone)]
+struct St {
+    relay: Arc<Relay>,
+    leadership: Arc<Leadership>,
+    forward: reqwest::Client,
+    scheme: &'static str,
+}
+
+fn outcome(a: &Answer) -> Response {
+    let severity = if a.status < 400 { "information" } else { "error" };
+    let code = match a.status {
+        200..=299 => "informational",
+        401 => "security",
+        404 => "not-found",
+        503 => "transient",
+        _ => "processing",
+    };
+    let body = serde_json::json!({"resourceType": "OperationOutcome",
+        "issue": [{"severity": severity, "code": code, "diagnostics": a.message}]});
+    let mut r =
+        (StatusCode::from_u16(a.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body.to_string()).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/fhir+json"));
+    if let Some(s) = a.retry_after
+        && let Ok(v) = header::HeaderValue::from_str(&s.to_string())
+    {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
+}
+
+/// Builds the receiver's routes.
+pub fn router(relay: Arc<Relay>, leadership: Arc<Leadership>, tls: bool) -> Router {
+    let forward = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .danger_accept_invalid_certs(true) // the hop to a pod IP: the leader checks the sync's credential
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_default();
+    let st = St { relay, leadership, forward, scheme: if tls { "https" } else { "http" } };
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/fss/{ns}/{name}", any(notification))
+        .route("/fss/{ns}/{name}/{*rest}", any(notification_rest))
+        .layer(DefaultBodyLimit::max(BODY_MAX))
+        .with_state(st)
+}
+
+async fn notification(
+    State(st): State<St>,
+    Path((ns, name)): Path<(String, String)>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    dispatch(st, ns, name, String::new(), method, headers, body).await
+}
+
+async fn notification_rest(
+    State(st): State<St>,
+    Path((ns, name, rest)): Path<(String, String, String)>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    dispatch(st, ns, name, rest, method, headers, body).await
+}
+
+async fn dispatch(
+    st: St,
+    ns: String,
+    name: String,
+    rest: String,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+    match st.leadership.route() {
+        Route::Local => {}
+        Route::To(addr) if h(FORWARDED).is_none() => {
+            return forward(&st, &addr, &ns, &name, &rest, method, &headers, body).await;
+        }
+        _ => {
+            return outcome(&Answer {
+                status: 503,
+                retry_after: Some(2),
+                message: "the replica that relays is changing; send this again".into(),
+            });
+        }
+    }
+    let rest: Vec<String> = if rest.is_empty() { vec![] } else { rest.split('/').map(str::to_string).collect() };
+    let a = st
+        .relay
+        .handle(Incoming {
+            namespace: &ns,
+            name: &name,
+            rest: &rest,
+            method: method.as_str(),
+            authorization: h("authorization").as_deref(),
+            medplum_deleted: h("x-medplum-deleted-resource").as_deref(),
+            body,
+        })
+        .await;
+    if a.status >= 400 {
+        tracing::debug!(fss = %format!("{ns}/{name}"), status = a.status, message = %a.message, "notification not applied");
+    }
+    outcome(&a)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    st: &St,
+    addr: &str,
+    ns: &str,
+    name: &str,
+    rest: &str,
+    method: Method,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut url = format!("{}://{addr}/fss/{ns}/{name}", st.scheme);
+    if !rest.is_empty() {
+        url.push('/');
+        url.push_str(rest);
+    }
+    let mut rb = st.forward.request(method, &url).header(FORWARDED, "1").body(body);
+    for n in [
+        header::AUTHORIZATION.as_str(),
+        header::CONTENT_TYPE.as_str(),
+        "x-medplum-deleted-resource",
+        "x-medplum-subscription",
+    ] {
+        if let Some(v) = headers.get(n) {
+            rb = rb.header(n, v);
+        }
+    }
+    match rb.send().await {
+        Ok(r) => {
+            let status = r.status();
+            let retry = r.headers().get(header::RETRY_AFTER).cloned();
+            let body = r.bytes().await.unwrap_or_default();
+            let mut resp = Response::builder().status(status.as_u16());
+            if let Some(v) = retry {
+                resp = resp.header(header::RETRY_AFTER, v);
+            }
+            resp.header(header::CONTENT_TYPE, "application/fhir+json")
+                .body(Body::from(body))
+                .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
+        }
+        Err(e) => outcome(&Answer {
+            status: 503,
+            retry_after: Some(5),
+            message: format!("the replica that relays cannot be reached ({})", e.without_url()),
+        }),
+    }
+}
+
+/// Serves the receiver until `stop` fires.
+pub async fn serve(
+    settings: Settings,
+    relay: Arc<Relay>,
+    leadership: Arc<Leadership>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(settings.addr).await?;
+    tracing::info!(addr = %settings.addr, tls = settings.tls.is_some(), "relay receiver listening");
+    let app = router(relay, leadership, settings.tls.is_some());
+    match settings.tls {
+        None => axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await,
+        Some((cert, key)) => {
+            let cfg = tls_config(&cert, &key).map_err(std::io::Error::other)?;
+            serve_tls(listener, cfg, app, stop).await;
+            Ok(())
+        }
+    }
+}
+
+fn tls_config(cert: &[u8], key: &[u8]) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("--receiver-tls-cert: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("--receiver-tls-key: {e}"))?;
+    rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map(Arc::new)
+        .map_err(|e| format!("the receiver's TLS certificate and key: {e}"))
+}
+
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Router,
+    stop: CancellationToken,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let socket = tokio::select! {
+            a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
+            _ = stop.cancelled() => return,
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(socket)).await else {
+                return;
+            };
+            let _ = Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app))
+                .await;
+        });
+    }
+}
