@@ -16,8 +16,6 @@ use crate::text::redact;
 
 /// Most entries in one batch.
 pub const MAX_ENTRIES: usize = 1000;
-/// Largest batch answer read (Pathling echoes every resource).
-const ANSWER_MAX: usize = 64 << 20;
 
 /// One resource to write.
 #[derive(Debug, Clone, Copy)]
@@ -93,6 +91,8 @@ impl PathlingClient {
                 .collect(),
         };
         let body = serde_json::to_vec(&bundle).map_err(|e| protocol(e.to_string()))?;
+        // Pathling echoes each resource: the answer is about the size of the batch
+        let answer_max = body.len().saturating_mul(2).saturating_add(1 << 20);
         let r = Request::new(Method::POST, url.clone())
             .header(ACCEPT, "application/fhir+json")
             .header(CONTENT_TYPE, "application/fhir+json")
@@ -101,7 +101,7 @@ impl PathlingClient {
         if resp.status() != StatusCode::OK {
             return Err(busy_if_503(Error::from_response(&Method::POST, resp).await));
         }
-        let body = read_capped(resp, ANSWER_MAX, "the batch answer").await?;
+        let body = read_capped(resp, answer_max, "the batch answer").await?;
         let a: Answer = serde_json::from_slice(&body).map_err(|_| {
             protocol(format!("the batch was answered with {}", crate::text::describe_text_body(&body, None)))
         })?;

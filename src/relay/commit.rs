@@ -17,8 +17,8 @@ use crate::fhir::client::Error as HttpError;
 use crate::pathling::{BATCH_MAX, PathlingClient, Put};
 use crate::run::policy::{Class, classify};
 
-/// Bytes of resources in one batch.
-pub const BATCH_BYTES: usize = 8 << 20;
+/// Bytes of resources in one batch (a larger resource goes alone, as a PUT).
+pub const BATCH_BYTES: usize = 4 << 20;
 /// How long a write is retried (busy or transient Pathling) before its sources are told to come back.
 pub const RETRY_FOR: Duration = Duration::from_secs(5);
 /// What sources are told to wait when Pathling is unavailable.
@@ -114,15 +114,24 @@ impl Committer {
 }
 
 async fn run(pathling: PathlingClient, mut rx: mpsc::UnboundedReceiver<Job>, report: Report, stop: CancellationToken) {
+    // a change that did not fit the last group starts the next
+    let mut carry: Option<Job> = None;
     loop {
-        let first = tokio::select! {
-            j = rx.recv() => match j { Some(j) => j, None => return },
-            _ = stop.cancelled() => return,
+        let first = match carry.take() {
+            Some(j) => j,
+            None => tokio::select! {
+                j = rx.recv() => match j { Some(j) => j, None => return },
+                _ = stop.cancelled() => return,
+            },
         };
         let mut jobs = vec![first];
         let mut bytes = jobs[0].write.bytes();
-        while jobs.len() < BATCH_MAX && bytes < BATCH_BYTES {
+        while jobs.len() < BATCH_MAX {
             match rx.try_recv() {
+                Ok(j) if bytes + j.write.bytes() > BATCH_BYTES => {
+                    carry = Some(j);
+                    break;
+                }
                 Ok(j) => {
                     bytes += j.write.bytes();
                     jobs.push(j);
@@ -168,7 +177,12 @@ async fn commit(pathling: &PathlingClient, jobs: &[Job], stop: &CancellationToke
                 Write::Delete { .. } => None,
             })
             .collect();
-        let (o, n) = with_retries(stop, || pathling.batch_put(&puts)).await;
+        // one resource: a plain PUT (no batch to echo it back)
+        let (o, n) = if puts.len() == 1 {
+            with_retries(stop, || pathling.put(puts[0])).await
+        } else {
+            with_retries(stop, || pathling.batch_put(&puts)).await
+        };
         requests += n;
         match o {
             Ok(()) => upserts.iter().for_each(|i| drop(result.insert(*i, Outcome::Applied))),

@@ -5,7 +5,7 @@
 //! the controller configures a [`SyncRelay`] per FhirSubscriptionSync and reads its counters back.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -23,21 +23,26 @@ use crate::fhir::client::{Error as HttpError, HttpClient, Request, read_capped};
 use crate::metrics::{Metrics, RelayLabels, SyncLabels};
 use crate::pathling::PathlingClient;
 
+pub mod budget;
 pub mod commit;
 pub mod gaps;
 pub mod notify;
 pub mod receiver;
 
+use budget::{Budget, Held};
 use commit::{Committer, Outcome, Write, WriteReport};
 use notify::{Change, Content, Notification};
 
 /// Largest notification body read.
 pub const BODY_MAX: usize = 16 << 20;
-/// Bytes of notifications held at once (until Pathling accepts them), across all syncs: past it,
-/// sources are told to come back (503).
-pub const PENDING_MAX: usize = 32 << 20;
+/// Bytes of notifications (and of resources read for them) held at once until Pathling accepts
+/// them, across all syncs: past it, sources are told to come back (503). With the reads in flight
+/// and the write to Pathling, it keeps the relay's share of the operator's memory under ~40 MiB.
+pub const PENDING_MAX: usize = 16 << 20;
 /// Largest resource read from a source for an `id-only` notification.
-const READ_MAX: usize = 16 << 20;
+const READ_MAX: usize = 8 << 20;
+/// Resources read from sources at once (their bytes are in memory before they can be counted).
+const READS_AT_ONCE: usize = 2;
 /// At most one catch-up request per sync in this time.
 const CATCH_UP_EVERY: Duration = Duration::from_secs(30);
 
@@ -87,8 +92,8 @@ pub struct SyncRelay {
 pub struct Relay {
     syncs: RwLock<HashMap<String, Arc<SyncRelay>>>,
     key: ring::hmac::Key,
-    pending: AtomicUsize,
-    budget: usize,
+    budget: Budget,
+    reads: tokio::sync::Semaphore,
     metrics: Arc<Metrics>,
     catch_ups: mpsc::UnboundedSender<CatchUpRequest>,
     stop: CancellationToken,
@@ -122,7 +127,8 @@ pub struct Incoming<'a> {
     pub authorization: Option<&'a str>,
     /// Medplum's `X-Medplum-Deleted-Resource`.
     pub medplum_deleted: Option<&'a str>,
-    pub body: Bytes,
+    /// The body, counted against the relay's budget ([`Relay::read`], [`Relay::hold`]).
+    pub body: Held,
 }
 
 fn key(ns: &str, name: &str) -> String {
@@ -151,8 +157,8 @@ impl Relay {
         let relay = Arc::new(Self {
             syncs: RwLock::default(),
             key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
-            pending: AtomicUsize::new(0),
-            budget: PENDING_MAX,
+            budget: Budget::new(PENDING_MAX, BODY_MAX),
+            reads: tokio::sync::Semaphore::new(READS_AT_ONCE),
             metrics,
             catch_ups: tx,
             stop,
@@ -253,36 +259,56 @@ impl Relay {
         self.syncs.read().unwrap_or_else(|p| p.into_inner()).get(&key(namespace, name)).cloned()
     }
 
-    /// One notification, from receipt to the answer the source gets: authenticated, bounded, read,
-    /// checked for gaps, resolved (`id-only` resources read from the source), written into Pathling
-    /// with the other changes in flight, and acknowledged only once Pathling accepted.
-    pub async fn handle(&self, req: Incoming<'_>) -> Answer {
-        // an unknown sync and a wrong credential look alike to a caller
-        let Some(s) = self.sync(req.namespace, req.name) else {
-            // unknown here, perhaps not yet (a new leader configures its syncs first): come back
-            return Answer::come_back("no FhirSubscriptionSync in Relay mode is known at this path (yet)", 30);
+    /// Whether a request for this sync with this credential is taken at all (checked before its body
+    /// is read). An unknown sync is asked to come back: a new leader configures its syncs first.
+    pub fn admit(&self, namespace: &str, name: &str, authorization: Option<&str>) -> Result<Arc<SyncRelay>, Answer> {
+        let Some(s) = self.sync(namespace, name) else {
+            return Err(Answer::come_back("no FhirSubscriptionSync in Relay mode is known at this path (yet)", 30));
         };
-        if !self.authorized(&s.cfg.uid, req.authorization) {
-            return Answer::new(401, "missing or wrong credential");
+        if !self.authorized(&s.cfg.uid, authorization) {
+            return Err(Answer::new(401, "missing or wrong credential"));
         }
-        let size = req.body.len();
-        if self.pending.fetch_add(size, Ordering::SeqCst) + size > self.budget {
-            self.pending.fetch_sub(size, Ordering::SeqCst);
-            return Answer::come_back("the relay holds as many changes as it may; send this again later", 5);
-        }
-        self.metrics.relay_pending_bytes.set(self.pending.load(Ordering::Relaxed) as i64);
-        let answer = self.handle_inner(&s, &req).await;
-        self.pending.fetch_sub(size, Ordering::SeqCst);
-        self.metrics.relay_pending_bytes.set(self.pending.load(Ordering::Relaxed) as i64);
+        Ok(s)
+    }
+
+    /// Reads a request body within the relay's budget.
+    pub async fn read<S, E>(&self, content_length: Option<u64>, body: S) -> Result<Held, Answer>
+    where
+        S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let r = self.budget.read(content_length, body).await;
+        self.metrics.relay_pending_bytes.set(self.budget.held() as i64);
+        r
+    }
+
+    /// Holds a body already in memory within the relay's budget.
+    pub fn hold(&self, body: Bytes) -> Result<Held, Answer> {
+        self.budget.hold(body)
+    }
+
+    /// One notification, from receipt to the answer the source gets: authenticated, read, checked
+    /// for gaps, resolved (`id-only` resources read from the source), written into Pathling with the
+    /// other changes in flight, and acknowledged only once Pathling accepted.
+    pub async fn handle(&self, mut req: Incoming<'_>) -> Answer {
+        let s = match self.admit(req.namespace, req.name, req.authorization) {
+            Ok(s) => s,
+            Err(a) => return a,
+        };
+        let answer = self.handle_inner(&s, &mut req).await;
+        drop(req);
+        self.metrics.relay_pending_bytes.set(self.budget.held() as i64);
         answer
     }
 
-    async fn handle_inner(&self, s: &SyncRelay, req: &Incoming<'_>) -> Answer {
+    async fn handle_inner(&self, s: &SyncRelay, req: &mut Incoming<'_>) -> Answer {
+        let body = req.body.release();
         let parsed = match req.rest {
-            [] if req.method == "POST" => notify::post(&req.body, req.medplum_deleted, s.cfg.content),
-            [t, id] => notify::rest_hook(req.method, t, id, &req.body),
+            [] if req.method == "POST" => notify::post(&body, req.medplum_deleted, s.cfg.content),
+            [t, id] => notify::rest_hook(req.method, t, id, &body),
             _ => return Answer::new(404, "not a notification path"),
         };
+        drop(body);
         let n = match parsed {
             Ok(n) => n,
             Err(e) => {
@@ -335,8 +361,16 @@ impl Relay {
             match c {
                 Change::Upsert { type_, id, resource, .. } => writes.push(Write::Upsert { type_, id, resource }),
                 Change::Delete { type_, id } => writes.push(Write::Delete { type_, id }),
-                Change::Read { type_, id } => match read(&s.cfg.source, &type_, &id).await {
-                    Ok(Some(resource)) => writes.push(Write::Upsert { type_, id, resource }),
+                Change::Read { type_, id } => match self.read_resource(s, &type_, &id).await {
+                    Ok(Some(resource)) if self.budget.grow(&mut req.body, resource.get().len()) => {
+                        writes.push(Write::Upsert { type_, id, resource })
+                    }
+                    Ok(Some(_)) => {
+                        return Answer::come_back(
+                            "the relay holds as many changes as it may; send this again later",
+                            5,
+                        );
+                    }
                     Ok(None) => writes.push(Write::Delete { type_, id }),
                     Err(e) if matches!(crate::run::policy::classify(&e), crate::run::policy::Class::Permanent) => {
                         s.count(&self.metrics, "failed", 1);
@@ -380,6 +414,11 @@ impl Relay {
             return Answer::new(422, format!("Pathling refused a change: {m}"));
         }
         Answer::new(200, "applied")
+    }
+
+    async fn read_resource(&self, s: &SyncRelay, type_: &str, id: &str) -> Result<Option<Box<RawValue>>, HttpError> {
+        let _permit = self.reads.acquire().await;
+        read(&s.cfg.source, type_, id).await
     }
 
     /// Records what was missed and asks for a catch-up (at most every 30 s per sync).

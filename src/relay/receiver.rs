@@ -10,14 +10,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::body::Body;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use tokio_util::sync::CancellationToken;
 
-use super::{Answer, BODY_MAX, Incoming, Relay};
+use super::{Answer, Incoming, Relay};
 
 /// Marks a request forwarded by another replica (never forwarded twice).
 const FORWARDED: &str = "x-fhirsync-forwarded";
@@ -111,7 +111,6 @@ pub fn router(relay: Arc<Relay>, leadership: Arc<Leadership>, tls: bool) -> Rout
         .route("/healthz", get(|| async { "ok" }))
         .route("/fss/{ns}/{name}", any(notification))
         .route("/fss/{ns}/{name}/{*rest}", any(notification_rest))
-        .layer(DefaultBodyLimit::max(BODY_MAX))
         .with_state(st)
 }
 
@@ -120,7 +119,7 @@ async fn notification(
     Path((ns, name)): Path<(String, String)>,
     method: Method,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     dispatch(st, ns, name, String::new(), method, headers, body).await
 }
@@ -130,7 +129,7 @@ async fn notification_rest(
     Path((ns, name, rest)): Path<(String, String, String)>,
     method: Method,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     dispatch(st, ns, name, rest, method, headers, body).await
 }
@@ -142,13 +141,19 @@ async fn dispatch(
     rest: String,
     method: Method,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let length = h(header::CONTENT_LENGTH.as_str()).and_then(|l| l.parse().ok());
     match st.leadership.route() {
         Route::Local => {}
         Route::To(addr) if h(FORWARDED).is_none() => {
-            return forward(&st, &addr, &ns, &name, &rest, method, &headers, body).await;
+            // held within this replica's budget while it travels on
+            let body = match st.relay.read(length, body.into_data_stream()).await {
+                Ok(b) => b,
+                Err(a) => return outcome(&a),
+            };
+            return forward(&st, &addr, &ns, &name, &rest, method, &headers, body.bytes().clone()).await;
         }
         _ => {
             return outcome(&Answer {
@@ -158,6 +163,15 @@ async fn dispatch(
             });
         }
     }
+    let authorization = h("authorization");
+    // a request the relay will not take is answered before its body is read
+    if let Err(a) = st.relay.admit(&ns, &name, authorization.as_deref()) {
+        return outcome(&a);
+    }
+    let body = match st.relay.read(length, body.into_data_stream()).await {
+        Ok(b) => b,
+        Err(a) => return outcome(&a),
+    };
     let rest: Vec<String> = if rest.is_empty() { vec![] } else { rest.split('/').map(str::to_string).collect() };
     let a = st
         .relay
@@ -166,7 +180,7 @@ async fn dispatch(
             name: &name,
             rest: &rest,
             method: method.as_str(),
-            authorization: h("authorization").as_deref(),
+            authorization: authorization.as_deref(),
             medplum_deleted: h("x-medplum-deleted-resource").as_deref(),
             body,
         })
@@ -186,7 +200,7 @@ async fn forward(
     rest: &str,
     method: Method,
     headers: &HeaderMap,
-    body: Bytes,
+    body: bytes::Bytes,
 ) -> Response {
     let mut url = format!("{}://{addr}/fss/{ns}/{name}", st.scheme);
     if !rest.is_empty() {
@@ -208,7 +222,15 @@ async fn forward(
         Ok(r) => {
             let status = r.status();
             let retry = r.headers().get(header::RETRY_AFTER).cloned();
-            let body = r.bytes().await.unwrap_or_default();
+            // the leader's own OperationOutcome: small, and kept so
+            let mut r = r;
+            let mut body = Vec::new();
+            while let Ok(Some(chunk)) = r.chunk().await {
+                if body.len() + chunk.len() > 64 << 10 {
+                    break;
+                }
+                body.extend_from_slice(&chunk);
+            }
             let mut resp = Response::builder().status(status.as_u16());
             if let Some(v) = retry {
                 resp = resp.header(header::RETRY_AFTER, v);

@@ -46,6 +46,14 @@ pub struct PathlingConfig {
     pub export_lines_per_file: usize,
     /// Every `$export` kick-off answers this status.
     pub export_status_forever: Option<u16>,
+    /// Every write (batch, PUT, DELETE) takes this long, one at a time (a Delta commit each, as in
+    /// a real Pathling).
+    pub write_delay: Option<std::time::Duration>,
+    /// Every write answers this status (Pathling down, or refusing).
+    pub writes_forever: Option<u16>,
+    /// A batch or PUT containing one of these ids fails whole with 400 (a resource Pathling cannot
+    /// encode).
+    pub reject_ids: Vec<String>,
 }
 
 /// A received `$import`.
@@ -75,6 +83,11 @@ pub struct PathlingLog {
     pub exports: Vec<String>,
     /// `$result` downloads.
     pub export_files: u32,
+    /// Write requests (batches, PUTs, DELETEs) received.
+    pub writes: u32,
+    /// Batches received, and the entries in them.
+    pub batches: u32,
+    pub batch_entries: u32,
 }
 
 struct Job {
@@ -98,6 +111,8 @@ struct Inner {
 #[derive(Clone)]
 pub struct FakePathling {
     inner: Arc<Mutex<Inner>>,
+    /// Writes happen one at a time.
+    writes: Arc<tokio::sync::Mutex<()>>,
     changed: watch::Sender<u64>,
     pub base: String,
 }
@@ -109,6 +124,7 @@ impl FakePathling {
         let addr = listener.local_addr().expect("addr");
         let (changed, _) = watch::channel(0);
         let me = Self {
+            writes: Arc::default(),
             inner: Arc::new(Mutex::new(Inner {
                 cfg,
                 log: PathlingLog::default(),
@@ -126,6 +142,7 @@ impl FakePathling {
             .route("/fhir/$import", post(import))
             .route("/fhir/$import-pnp", post(import_pnp))
             .route("/fhir/$job", get(job).delete(delete_job))
+            .route("/fhir", post(batch))
             .route("/fhir/$export", get(export))
             .route("/fhir/$result", get(export_result))
             .route("/fhir/{t}/{id}", put(put_resource).delete(delete_resource).get(get_resource))
@@ -496,16 +513,104 @@ async fn export_result(State(s): State<FakePathling>, Query(q): Query<ResultQ>, 
     r
 }
 
+/// Takes the write lock (one write at a time), waits the write delay; an answer when writes fail.
+async fn write_gate(s: &FakePathling) -> (tokio::sync::OwnedMutexGuard<()>, Option<Response>) {
+    {
+        let mut i = s.inner.lock().unwrap();
+        i.log.writes += 1;
+    }
+    let g = s.writes.clone().lock_owned().await;
+    let (delay, forever) = {
+        let i = s.inner.lock().unwrap();
+        (i.cfg.write_delay, i.cfg.writes_forever)
+    };
+    if let Some(d) = delay {
+        tokio::time::sleep(d).await;
+    }
+    let r = forever.map(|code| (StatusCode::from_u16(code).unwrap(), oo("transient", "unavailable")).into_response());
+    (g, r)
+}
+
+/// `POST [base]` with a batch Bundle: Pathling's rules — PUTs only with a matching resource, a DELETE
+/// of an absent resource fails the whole request, no per-entry failures.
+async fn batch(State(s): State<FakePathling>, headers: HeaderMap, body: Bytes) -> Response {
+    let (_g, refused) = write_gate(&s).await;
+    let r = {
+        let mut guard = s.inner.lock().unwrap();
+        let i = &mut *guard;
+        if let Some(r) = check_auth(i, &headers).or(refused) {
+            r
+        } else {
+            i.log.batches += 1;
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let entries = v["entry"].as_array().cloned().unwrap_or_default();
+            i.log.batch_entries += entries.len() as u32;
+            let mut ok = v["resourceType"] == "Bundle";
+            let mut out = vec![];
+            let mut staged: Vec<(String, String, Option<Value>)> = vec![];
+            for e in &entries {
+                let (m, u) =
+                    (e["request"]["method"].as_str().unwrap_or(""), e["request"]["url"].as_str().unwrap_or(""));
+                let Some((t, id)) = u.split_once('/') else {
+                    ok = false;
+                    break;
+                };
+                match m {
+                    "PUT" if e["resource"]["resourceType"] == t && e["resource"]["id"] == id => {
+                        if i.cfg.reject_ids.iter().any(|r| r == id) {
+                            ok = false;
+                            break;
+                        }
+                        staged.push((t.into(), id.into(), Some(e["resource"].clone())));
+                        out.push(json!({"resource": e["resource"], "response": {"status": "200"}}));
+                    }
+                    "DELETE" if i.data.get(t).is_some_and(|m| m.contains_key(id)) => {
+                        staged.push((t.into(), id.into(), None));
+                        out.push(json!({"response": {"status": "204"}}));
+                    }
+                    _ => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if !ok {
+                (StatusCode::BAD_REQUEST, oo("invalid", "a batch entry could not be processed")).into_response()
+            } else {
+                for (t, id, v) in staged {
+                    match v {
+                        Some(v) => {
+                            i.log.puts.push(format!("{t}/{id}"));
+                            i.data.entry(t).or_default().insert(id, v);
+                        }
+                        None => {
+                            i.log.resource_deletes.push(format!("{t}/{id}"));
+                            i.data.get_mut(&t).map(|m| m.remove(&id));
+                        }
+                    }
+                }
+                let b = json!({"resourceType": "Bundle", "type": "batch-response", "entry": out});
+                (StatusCode::OK, [(header::CONTENT_TYPE, "application/fhir+json")], b.to_string()).into_response()
+            }
+        }
+    };
+    s.touch();
+    r
+}
+
 async fn put_resource(
     State(s): State<FakePathling>,
     Path((t, id)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let (_g, refused) = write_gate(&s).await;
     let r = {
         let mut i = s.inner.lock().unwrap();
-        if let Some(r) = check_auth(&i, &headers) {
+        if let Some(r) = check_auth(&i, &headers).or(refused) {
             r
+        } else if i.cfg.reject_ids.contains(&id) {
+            (StatusCode::BAD_REQUEST, oo("invalid", "cannot encode the resource")).into_response()
         } else {
             match serde_json::from_slice::<Value>(&body) {
                 Ok(v) if v["id"].as_str() == Some(id.as_str()) && v["resourceType"].as_str() == Some(t.as_str()) => {
@@ -527,9 +632,10 @@ async fn delete_resource(
     Path((t, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
+    let (_g, refused) = write_gate(&s).await;
     let r = {
         let mut i = s.inner.lock().unwrap();
-        if let Some(r) = check_auth(&i, &headers) {
+        if let Some(r) = check_auth(&i, &headers).or(refused) {
             r
         } else {
             i.log.resource_deletes.push(format!("{t}/{id}"));
