@@ -56,3 +56,19 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: [events]
   verbs: [create, patch]
 {{- end -}}
+
+{{/* The receiver's base URL as sources reach it. */}}
+{{- define "fhirsync.receiverUrl" -}}
+{{- if .Values.receiver.url -}}
+{{- .Values.receiver.url -}}
+{{- else if .Values.receiver.ingress.enabled -}}
+https://{{ required "receiver.ingress.host is required when receiver.ingress.enabled" .Values.receiver.ingress.host }}
+{{- else -}}
+{{- if .Values.receiver.tls.secretName }}https{{ else }}http{{ end }}://{{ include "fhirsync.fullname" . }}-receiver.{{ .Release.Namespace }}.svc:{{ .Values.receiver.port }}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the relay key. */}}
+{{- define "fhirsync.relayKeySecret" -}}
+{{- .Values.receiver.keySecret.existingSecret | default (printf "%s-relay-key" (include "fhirsync.fullname" .)) -}}
+{{- end -}}
