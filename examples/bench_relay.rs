@@ -61,11 +61,8 @@ async fn deliver(n: u64, c: u64, url_of: impl Fn(u64) -> String, token: Option<S
                     match rb.send().await {
                         Ok(r) if r.status().is_success() => return 0,
                         Ok(r) if r.status().as_u16() == 503 => {
-                            let wait = r
-                                .headers()
-                                .get("retry-after")
-                                .and_then(|v| v.to_str().ok()?.parse().ok())
-                                .unwrap_or(1);
+                            let wait =
+                                r.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(1);
                             tokio::time::sleep(Duration::from_secs(wait)).await;
                         }
                         _ => return 1,
