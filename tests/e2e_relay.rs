@@ -201,3 +201,19 @@ async fn classic_rest_hooks_through_the_relay_and_a_catch_up_after_an_outage() {
     let relay = o.status.unwrap().relay.unwrap();
     assert!(relay.last_missed.unwrap_or_default().contains("unavailable"));
 }
+
+#[tokio::test]
+async fn relay_without_a_receiver_says_how_to_configure_one() {
+    let _g = SERIAL.lock().await;
+    let source = FakeFhirServer::start(ServerConfig::default()).await;
+    let w = World::new("relay-none").await;
+    let _op = Operator::start(&w.ns, w.dir.path(), &[]);
+    w.apply("feed", &source.base, &["Patient?"], json!({})).await;
+    let o = wait_for(&w.api, "feed", 30, "ReceiverNotConfigured", |o| {
+        cond(o, "Ready").is_some_and(|c| c.1 == "ReceiverNotConfigured")
+    })
+    .await;
+    let msg = cond(&o, "Ready").unwrap().2;
+    assert!(msg.contains("--receiver-addr") && msg.contains("--receiver-url"), "{msg}");
+    assert!(source.subscriptions().is_empty(), "nothing created that could not deliver");
+}

@@ -274,3 +274,74 @@ pub async fn remove_all(http: HttpClient, tag: &Tag) -> Result<usize, HttpError>
     }
     Ok(n)
 }
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    use super::*;
+    use crate::api::RelayStatus;
+
+    fn sub(status: &str, since_secs_ago: Option<i64>, now: Timestamp) -> SubscriptionState {
+        SubscriptionState {
+            criteria: "Patient?".into(),
+            id: Some("s1".into()),
+            status: status.into(),
+            since: since_secs_ago.map(|s| Time(now - jiff::SignedDuration::from_secs(s))),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_subscription_requested_too_long_is_named_with_what_to_check() {
+        let now = Timestamp::now();
+        let table: &[(&str, Option<i64>, Delivery, Option<&str>)] = &[
+            ("requested", Some(60), Delivery::Direct, None),
+            ("requested", None, Delivery::Direct, None),
+            ("active", Some(3600), Delivery::Direct, None),
+            ("requested", Some(301), Delivery::Direct, Some("spec.delivery: Relay")),
+            ("requested", Some(301), Delivery::Relay, Some("--receiver-url")),
+        ];
+        for (status, ago, delivery, want) in table {
+            let got = stuck(&[sub(status, *ago, now)], now, *delivery);
+            match want {
+                None => assert_eq!(got, None, "{status} {ago:?}"),
+                Some(w) => {
+                    let m = got.unwrap_or_default();
+                    assert!(m.contains(w) && m.contains("Subscription/s1") && m.contains("5 minutes"), "{m}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn missed_changes_are_a_condition_only_without_a_catch_up() {
+        let spec: FhirSubscriptionSyncSpec = serde_json::from_value(serde_json::json!({
+            "source": {"url": "https://s.example"}, "delivery": "Relay",
+            "target": {"url": "https://p.example/fhir"}, "criteria": ["Patient?"]}))
+        .unwrap();
+        let mut with_catch_up = spec.clone();
+        with_catch_up.catch_up =
+            serde_json::from_value(serde_json::json!({"bulkExportSyncRef": {"name": "n"}})).unwrap();
+        let relay = RelayStatus {
+            last_missed: Some("Subscription/s1: events 3–4 never arrived".into()),
+            ..Default::default()
+        };
+        let table = [
+            (&spec, None, false),
+            (&spec, Some(relay.clone()), true),
+            (&with_catch_up, Some(relay.clone()), false),
+            (&spec, Some(RelayStatus::default()), false),
+        ];
+        for (spec, relay, degraded) in table {
+            let mut st = FhirSubscriptionSyncStatus { relay, ..Default::default() };
+            missed_condition(&mut st, spec, Some(1));
+            let c = st.conditions.iter().find(|c| c.type_ == types::DEGRADED);
+            assert_eq!(c.is_some_and(|c| c.reason == "ChangesMissed" && c.status == "True"), degraded, "{c:?}");
+            if degraded {
+                let m = &c.unwrap().message;
+                assert!(m.contains("events 3–4") && m.contains("spec.catchUp.bulkExportSyncRef"), "{m}");
+            }
+        }
+    }
+}

@@ -12,26 +12,24 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use reqwest::header::ACCEPT;
-use reqwest::{Method, StatusCode};
-use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::RelayStatus;
-use crate::fhir::client::{Error as HttpError, HttpClient, Request, read_capped};
+use crate::fhir::client::HttpClient;
 use crate::metrics::{Metrics, RelayLabels, SyncLabels};
 use crate::pathling::PathlingClient;
 
 pub mod budget;
 pub mod commit;
 pub mod gaps;
+mod handle;
 pub mod notify;
 pub mod receiver;
 
 use budget::{Budget, Held};
-use commit::{Committer, Outcome, Write, WriteReport};
-use notify::{Change, Content, Notification};
+use commit::{Committer, WriteReport};
+use notify::Content;
 
 /// Largest notification body read.
 pub const BODY_MAX: usize = 16 << 20;
@@ -300,156 +298,6 @@ impl Relay {
         self.metrics.relay_pending_bytes.set(self.budget.held() as i64);
         answer
     }
-
-    async fn handle_inner(&self, s: &SyncRelay, req: &mut Incoming<'_>) -> Answer {
-        let body = req.body.release();
-        let parsed = match req.rest {
-            [] if req.method == "POST" => notify::post(&body, req.medplum_deleted, s.cfg.content),
-            [t, id] => notify::rest_hook(req.method, t, id, &body),
-            _ => return Answer::new(404, "not a notification path"),
-        };
-        drop(body);
-        let n = match parsed {
-            Ok(n) => n,
-            Err(e) => {
-                s.count(&self.metrics, "failed", 1);
-                self.missed(s, &format!("a notification fhirsync could not read: {e}"));
-                return Answer::new(400, e.0);
-            }
-        };
-        let changes = match n {
-            Notification::Change(c) => vec![c],
-            Notification::Topic(t) => {
-                let missed = s.tracker.lock().unwrap_or_else(|p| p.into_inner()).observe(&t);
-                {
-                    let mut st = s.stats.lock().unwrap_or_else(|p| p.into_inner());
-                    if t.kind != notify::Kind::Event {
-                        st.heartbeats += 1;
-                    }
-                    if let Some(sub) = t.subscription.as_ref().filter(|x| crate::fhir::ids::is_id(x))
-                        && let Some(n) = s.tracker.lock().unwrap_or_else(|p| p.into_inner()).last.get(sub)
-                    {
-                        st.last_event_numbers.insert(sub.clone(), *n);
-                        // bounded: a source cannot grow the status with made-up Subscription ids
-                        while st.last_event_numbers.len() > 100 {
-                            let Some(k) = st.last_event_numbers.keys().next().cloned() else { break };
-                            st.last_event_numbers.remove(&k);
-                        }
-                    }
-                }
-                s.dirty.store(true, Ordering::Relaxed);
-                if let Some(m) = missed {
-                    self.missed(s, &m);
-                }
-                t.changes
-            }
-        };
-        if changes.is_empty() {
-            return Answer::new(200, "ok");
-        }
-        s.count(&self.metrics, "received", changes.len() as u64);
-        let newest = changes
-            .iter()
-            .filter_map(|c| match c {
-                Change::Upsert { changed_at, .. } => *changed_at,
-                _ => None,
-            })
-            .max();
-        // id-only: the source says what the resource is now
-        let mut writes = vec![];
-        for c in changes {
-            match c {
-                Change::Upsert { type_, id, resource, .. } => writes.push(Write::Upsert { type_, id, resource }),
-                Change::Delete { type_, id } => writes.push(Write::Delete { type_, id }),
-                Change::Read { type_, id } => match self.read_resource(s, &type_, &id).await {
-                    Ok(Some(resource)) if self.budget.grow(&mut req.body, resource.get().len()) => {
-                        writes.push(Write::Upsert { type_, id, resource })
-                    }
-                    Ok(Some(_)) => {
-                        return Answer::come_back(
-                            "the relay holds as many changes as it may; send this again later",
-                            5,
-                        );
-                    }
-                    Ok(None) => writes.push(Write::Delete { type_, id }),
-                    Err(e) if matches!(crate::run::policy::classify(&e), crate::run::policy::Class::Permanent) => {
-                        s.count(&self.metrics, "failed", 1);
-                        self.missed(s, &format!("{type_}/{id} could not be read from the source: {e}"));
-                    }
-                    Err(e) => {
-                        return Answer::come_back(format!("reading {type_}/{id} from the source: {e}"), 10);
-                    }
-                },
-            }
-        }
-        let outcomes = s.committer.submit(writes).await;
-        let unavailable = outcomes.iter().find_map(|o| match o {
-            Outcome::Unavailable(m) => Some(m.clone()),
-            _ => None,
-        });
-        let rejected = outcomes.iter().find_map(|o| match o {
-            Outcome::Rejected(m) => Some(m.clone()),
-            _ => None,
-        });
-        if let Some(m) = unavailable {
-            s.outage.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(Instant::now);
-            return Answer::come_back(format!("Pathling is unavailable: {m}"), commit::COME_BACK.as_secs());
-        }
-        if let Some(since) = s.outage.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            self.missed(
-                s,
-                &format!(
-                    "Pathling was unavailable for {}s; sources may have given up on notifications meanwhile",
-                    since.elapsed().as_secs()
-                ),
-            );
-        }
-        if let Some(t) = newest {
-            let lag = Timestamp::now().duration_since(t).as_secs_f64().max(0.0);
-            self.metrics.relay_lag.observe(lag);
-            s.stats.lock().unwrap_or_else(|p| p.into_inner()).lag_seconds = Some((lag * 1000.0).round() / 1000.0);
-        }
-        if let Some(m) = rejected {
-            self.missed(s, &format!("Pathling refused a change: {m}"));
-            return Answer::new(422, format!("Pathling refused a change: {m}"));
-        }
-        Answer::new(200, "applied")
-    }
-
-    async fn read_resource(&self, s: &SyncRelay, type_: &str, id: &str) -> Result<Option<Box<RawValue>>, HttpError> {
-        let _permit = self.reads.acquire().await;
-        read(&s.cfg.source, type_, id).await
-    }
-
-    /// Records what was missed and asks for a catch-up (at most every 30 s per sync).
-    fn missed(&self, s: &SyncRelay, why: &str) {
-        tracing::warn!(fss = %key(&s.cfg.namespace, &s.cfg.name), why, "the relay missed changes");
-        {
-            let mut st = s.stats.lock().unwrap_or_else(|p| p.into_inner());
-            let mut why = why.to_string();
-            crate::text::cut_bytes(&mut why, 1024);
-            st.last_missed = Some(why);
-            st.last_missed_time = Some(Time(Timestamp::now()));
-        }
-        s.dirty.store(true, Ordering::Relaxed);
-        let Some(sync) = &s.cfg.catch_up else { return };
-        let mut last = s.last_catch_up.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|l| l.elapsed() < CATCH_UP_EVERY) {
-            return;
-        }
-        *last = Some(Instant::now());
-        s.stats.lock().unwrap_or_else(|p| p.into_inner()).catch_ups += 1;
-        self.metrics
-            .relay_catch_ups
-            .get_or_create(&SyncLabels { namespace: s.cfg.namespace.clone(), name: s.cfg.name.clone() })
-            .inc();
-        let _ = self.catch_ups.send(CatchUpRequest {
-            namespace: s.cfg.namespace.clone(),
-            from: s.cfg.name.clone(),
-            sync: sync.clone(),
-            why: why.to_string(),
-        });
-    }
 }
 
 impl SyncRelay {
@@ -474,26 +322,5 @@ impl SyncRelay {
                 result: result.into(),
             })
             .inc_by(n);
-    }
-}
-
-/// Reads a resource from the source: `Some` when it exists (checked to be that resource), `None`
-/// when the source says it is gone (404, 410).
-async fn read(source: &HttpClient, type_: &str, id: &str) -> Result<Option<Box<RawValue>>, HttpError> {
-    let url = source.url_segments(&[type_, id]);
-    let resp = source.send(Request::new(Method::GET, url.clone()).header(ACCEPT, "application/fhir+json")).await?;
-    match resp.status() {
-        StatusCode::OK => {
-            let body = read_capped(resp, READ_MAX, "a resource").await?;
-            match notify::rest_hook("PUT", type_, id, &body) {
-                Ok(Notification::Change(Change::Upsert { resource, .. })) => Ok(Some(resource)),
-                _ => Err(HttpError::Protocol {
-                    url: crate::text::redact(&url),
-                    message: format!("the source answered {type_}/{id} with something else"),
-                }),
-            }
-        }
-        StatusCode::NOT_FOUND | StatusCode::GONE => Ok(None),
-        _ => Err(HttpError::from_response(&Method::GET, resp).await),
     }
 }
