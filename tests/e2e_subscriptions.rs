@@ -53,15 +53,7 @@ impl World {
     }
 }
 
-fn cond(o: &FhirSubscriptionSync, t: &str) -> Option<(String, String, String)> {
-    let c = o.status.as_ref()?.conditions.iter().find(|c| c.type_ == t)?;
-    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
-fn all_active(o: &FhirSubscriptionSync, n: usize) -> bool {
-    cond(o, "Ready").is_some_and(|c| c.0 == "True")
-        && o.status.as_ref().and_then(|s| s.active_subscriptions.clone()) == Some(format!("{n}/{n}"))
-}
+use support::cluster::{fss_all_active as all_active, fss_cond as cond};
 
 #[tokio::test]
 async fn subscriptions_follow_the_spec_survive_restarts_and_are_cleaned_up() {

@@ -2,6 +2,27 @@
 //! path, a URL segment, a file name or a status key. Ids made only of dots (`.`, `..`) are refused
 //! although the grammar allows them: they would walk a URL path.
 
+use serde::Deserialize;
+
+/// What is read of a resource before it is trusted: its type, id and `meta.lastUpdated` (unchecked:
+/// run them through [`is_type`] and [`is_id`]).
+#[derive(Deserialize, Debug, Default)]
+pub struct ResourceHead {
+    #[serde(rename = "resourceType", default)]
+    pub resource_type: Option<String>,
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub meta: Option<ResourceMeta>,
+}
+
+/// `meta` of a [`ResourceHead`].
+#[derive(Deserialize, Debug, Default)]
+pub struct ResourceMeta {
+    #[serde(rename = "lastUpdated", default)]
+    pub last_updated: Option<String>,
+}
+
 /// Most distinct resource types one export may name (FHIR R5 has fewer than 160).
 pub const MAX_TYPES: usize = 256;
 

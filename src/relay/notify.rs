@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::fhir::bundle::BoundedVec;
-use crate::fhir::ids;
+use crate::fhir::ids::{self, ResourceHead};
 
 /// Most entries read from one notification Bundle.
 pub const MAX_ENTRIES: usize = 1000;
@@ -126,27 +126,12 @@ fn bad(m: impl Into<String>) -> NotUnderstood {
     NotUnderstood(m.into())
 }
 
-#[derive(Deserialize)]
-struct Head {
-    #[serde(rename = "resourceType", default)]
-    resource_type: Option<String>,
-    #[serde(default)]
-    id: Option<String>,
-    #[serde(default)]
-    meta: Option<Meta>,
-}
-
-#[derive(Deserialize)]
-struct Meta {
-    #[serde(rename = "lastUpdated", default)]
-    last_updated: Option<String>,
-}
-
 /// Checks a resource body: its type and id, and returns it as a change.
 fn upsert(body: &[u8], want: Option<(&str, &str)>) -> Result<Change, NotUnderstood> {
     let raw: Box<RawValue> =
         serde_json::from_slice(body).map_err(|e| bad(format!("the body is not a JSON resource: {e}")))?;
-    let h: Head = serde_json::from_str(raw.get()).map_err(|e| bad(format!("the body is not a resource: {e}")))?;
+    let h: ResourceHead =
+        serde_json::from_str(raw.get()).map_err(|e| bad(format!("the body is not a resource: {e}")))?;
     let (Some(t), Some(id)) = (h.resource_type, h.id) else {
         return Err(bad("the resource has no resourceType or id"));
     };
@@ -298,7 +283,7 @@ pub fn topic(body: &[u8], content: Content) -> Result<Notification, NotUnderstoo
     }
     let mut entries = b.entry.0.into_iter();
     let first = entries.next().and_then(|e| e.resource).ok_or_else(|| bad("the notification has no status entry"))?;
-    let head: Head = serde_json::from_str(first.get()).map_err(|e| bad(e.to_string()))?;
+    let head: ResourceHead = serde_json::from_str(first.get()).map_err(|e| bad(e.to_string()))?;
     let mut n = TopicNotification {
         subscription: None,
         kind: Kind::Other,
@@ -443,7 +428,7 @@ pub fn post(body: &[u8], medplum_deleted: Option<&str>, content: Content) -> Res
     if medplum_deleted.is_some() {
         return medplum(medplum_deleted, body);
     }
-    let h: Head = serde_json::from_slice(body).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
+    let h: ResourceHead = serde_json::from_slice(body).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
     match h.resource_type.as_deref() {
         Some("Bundle") => topic(body, content),
         Some(_) => medplum(None, body),

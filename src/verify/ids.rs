@@ -3,33 +3,16 @@
 //! key with the mark sorts right after the same key without it (ids never hold bytes below `\t`).
 
 use jiff::Timestamp;
-use serde::Deserialize;
 
-use crate::fhir::ids::{is_id, is_type};
+use crate::fhir::ids::{ResourceHead, is_id, is_type};
 
 /// Mark of a pending resource.
 pub const PENDING: &[u8] = b"\tp";
 
-#[derive(Deserialize)]
-struct Head {
-    #[serde(rename = "resourceType", default)]
-    resource_type: Option<String>,
-    #[serde(default)]
-    id: Option<String>,
-    #[serde(default)]
-    meta: Option<Meta>,
-}
-
-#[derive(Deserialize)]
-struct Meta {
-    #[serde(rename = "lastUpdated", default)]
-    last_updated: Option<String>,
-}
-
 /// The key of an NDJSON line (a resource, full or reduced to `resourceType`, `id`, `meta`), or `None`
 /// when the line is not a resource with a valid type and id. Every other element is skipped unbuilt.
 pub fn key(line: &[u8], pending_after: Option<Timestamp>) -> Option<Vec<u8>> {
-    let h: Head = serde_json::from_slice(line).ok()?;
+    let h: ResourceHead = serde_json::from_slice(line).ok()?;
     let (t, id) = (h.resource_type?, h.id?);
     if !is_type(&t) || !is_id(&id) {
         return None;

@@ -179,3 +179,15 @@ where
         .expect("deleted in time")
         .expect("watch");
 }
+
+/// A FhirSubscriptionSync's condition `t`: (status, reason, message).
+pub fn fss_cond(o: &fhirsync::api::FhirSubscriptionSync, t: &str) -> Option<(String, String, String)> {
+    let c = o.status.as_ref()?.conditions.iter().find(|c| c.type_ == t)?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Ready, with all `n` Subscriptions active.
+pub fn fss_all_active(o: &fhirsync::api::FhirSubscriptionSync, n: usize) -> bool {
+    fss_cond(o, "Ready").is_some_and(|c| c.0 == "True")
+        && o.status.as_ref().and_then(|s| s.active_subscriptions.clone()) == Some(format!("{n}/{n}"))
+}
