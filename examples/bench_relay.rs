@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use fhirsync::fhir::client::{ClientConfig, HttpClient};
 use fhirsync::metrics::Metrics;
 use fhirsync::pathling::PathlingClient;
-use fhirsync::relay::notify::Content;
 use fhirsync::relay::receiver::{Leadership, router};
 use fhirsync::relay::{Relay, SyncConfig};
 use futures::StreamExt;
@@ -99,7 +98,7 @@ struct RelayBench {
 async fn start_relay(write: Duration) -> RelayBench {
     let pathling = FakePathling::start(pathling_cfg(write)).await;
     let stop = CancellationToken::new();
-    let (relay, _catch_ups) = Relay::new(Some(b"bench"), Arc::new(Metrics::default()), stop.clone());
+    let (relay, _catch_ups) = Relay::new(b"bench", Arc::new(Metrics::default()), stop.clone());
     let http = |b: &str| HttpClient::new(&ClientConfig::new(b.parse().unwrap())).unwrap();
     relay.configure(SyncConfig {
         namespace: "bench".into(),
@@ -107,7 +106,6 @@ async fn start_relay(write: Duration) -> RelayBench {
         uid: "uid-1".into(),
         source: http("http://127.0.0.1:9/"),
         pathling: PathlingClient::new(http(&pathling.base)),
-        content: Content::IdOnly,
         catch_up: None,
         fingerprint: "1".into(),
         last_events: Default::default(),

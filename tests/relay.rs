@@ -11,7 +11,6 @@ use std::time::Duration;
 use fhirsync::fhir::client::{ClientConfig, HttpClient};
 use fhirsync::metrics::Metrics;
 use fhirsync::pathling::PathlingClient;
-use fhirsync::relay::notify::Content;
 use fhirsync::relay::receiver::{Leadership, router};
 use fhirsync::relay::{CatchUpRequest, Relay, SyncConfig};
 use serde_json::{Value, json};
@@ -47,18 +46,17 @@ async fn serve(relay: Arc<Relay>, leadership: Arc<Leadership>) -> String {
 }
 
 impl Harness {
-    async fn start(content: Content, catch_up: Option<&str>, pcfg: PathlingConfig) -> Self {
+    async fn start(catch_up: Option<&str>, pcfg: PathlingConfig) -> Self {
         let pathling = FakePathling::start(pcfg).await;
         let source = FakeFhirServer::start(ServerConfig::default()).await;
         let stop = CancellationToken::new();
-        let (relay, catch_ups) = Relay::new(Some(b"a shared secret"), Arc::new(Metrics::default()), stop.clone());
+        let (relay, catch_ups) = Relay::new(b"a shared secret", Arc::new(Metrics::default()), stop.clone());
         relay.configure(SyncConfig {
             namespace: "ns1".into(),
             name: "feed".into(),
             uid: UID.into(),
             source: http_client(&source.base),
             pathling: PathlingClient::new(http_client(&pathling.base)),
-            content,
             catch_up: catch_up.map(str::to_string),
             fingerprint: "v1".into(),
             last_events: Default::default(),
@@ -130,7 +128,7 @@ fn backport(sub: &str, kind: &str, first_event: i64, focus: &[&str], entries: Ve
 
 #[tokio::test]
 async fn classic_rest_hooks_write_and_delete_and_only_with_the_syncs_credential() {
-    let h = Harness::start(Content::IdOnly, None, PathlingConfig::default()).await;
+    let h = Harness::start(None, PathlingConfig::default()).await;
     assert_eq!(h.send("PUT", "Patient/p1", &patient("p1"), &[]).await.0, 200);
     assert_eq!(h.pathling.ids("Patient"), vec!["p1"]);
     assert_eq!(h.send("DELETE", "Patient/p1", &Value::Null, &[]).await.0, 200);
@@ -160,7 +158,7 @@ async fn classic_rest_hooks_write_and_delete_and_only_with_the_syncs_credential(
 
 #[tokio::test]
 async fn medplum_posts_resources_and_deletes_by_header() {
-    let h = Harness::start(Content::IdOnly, None, PathlingConfig::default()).await;
+    let h = Harness::start(None, PathlingConfig::default()).await;
     assert_eq!(h.send("POST", "", &patient("m1"), &[]).await.0, 200);
     assert_eq!(h.pathling.ids("Patient"), vec!["m1"]);
     assert_eq!(h.send("POST", "", &json!({}), &[("x-medplum-deleted-resource", "Patient/m1")]).await.0, 200);
@@ -171,7 +169,7 @@ async fn medplum_posts_resources_and_deletes_by_header() {
 #[tokio::test]
 async fn topic_notifications_full_resource_and_id_only() {
     // R5: full-resource, SubscriptionStatus first; an entry without a resource is a delete
-    let h = Harness::start(Content::FullResource, None, PathlingConfig::default()).await;
+    let h = Harness::start(None, PathlingConfig::default()).await;
     h.pathling.insert("Observation", "gone", json!({"resourceType": "Observation", "id": "gone"}));
     let r5 = json!({"resourceType": "Bundle", "type": "subscription-notification", "entry": [
         {"resource": {"resourceType": "SubscriptionStatus", "status": "active", "type": "event-notification",
@@ -186,7 +184,7 @@ async fn topic_notifications_full_resource_and_id_only() {
 
     // R4 Backport, id-only as Helios sends it over http: each focus is read from the source;
     // one the source no longer has is deleted
-    let h = Harness::start(Content::IdOnly, None, PathlingConfig::default()).await;
+    let h = Harness::start(None, PathlingConfig::default()).await;
     h.http.put(format!("{}/Patient/s1", h.source.base)).json(&patient("s1")).send().await.unwrap();
     h.pathling.insert("Patient", "s2", patient("s2"));
     let hs = backport("hb", "handshake", 0, &[], vec![]);
@@ -209,7 +207,7 @@ async fn topic_notifications_full_resource_and_id_only() {
 
 #[tokio::test]
 async fn gaps_and_unknowable_changes_ask_for_a_catch_up() {
-    let mut h = Harness::start(Content::IdOnly, Some("nightly"), PathlingConfig::default()).await;
+    let mut h = Harness::start(Some("nightly"), PathlingConfig::default()).await;
     h.http.put(format!("{}/Patient/a", h.source.base)).json(&patient("a")).send().await.unwrap();
     let one = backport("g", "event-notification", 1, &["Patient/a"], vec![]);
     assert_eq!(h.send("POST", "", &one, &[]).await.0, 200);
@@ -229,7 +227,7 @@ async fn gaps_and_unknowable_changes_ask_for_a_catch_up() {
     assert!(st.last_missed.unwrap().contains("8"));
 
     // empty content: the change cannot be known, only caught up
-    let mut h = Harness::start(Content::Empty, Some("nightly"), PathlingConfig::default()).await;
+    let mut h = Harness::start(Some("nightly"), PathlingConfig::default()).await;
     let mut empty = backport("e", "event-notification", 1, &["Patient/a"], vec![]);
     // an empty notification names no focus
     empty["entry"][0]["resource"]["parameter"][4]["part"].as_array_mut().unwrap().truncate(2);
@@ -240,12 +238,9 @@ async fn gaps_and_unknowable_changes_ask_for_a_catch_up() {
 #[tokio::test]
 async fn concurrent_changes_are_group_committed() {
     // every write costs Pathling 200 ms, one at a time
-    let h = Harness::start(
-        Content::IdOnly,
-        None,
-        PathlingConfig { write_delay: Some(Duration::from_millis(200)), ..Default::default() },
-    )
-    .await;
+    let h =
+        Harness::start(None, PathlingConfig { write_delay: Some(Duration::from_millis(200)), ..Default::default() })
+            .await;
     let h = Arc::new(h);
     let mut tasks = vec![];
     for i in 0..200 {
@@ -268,12 +263,8 @@ async fn concurrent_changes_are_group_committed() {
 
 #[tokio::test]
 async fn pathling_down_asks_sources_to_come_back_then_catches_up() {
-    let mut h = Harness::start(
-        Content::IdOnly,
-        Some("nightly"),
-        PathlingConfig { writes_forever: Some(503), ..Default::default() },
-    )
-    .await;
+    let mut h =
+        Harness::start(Some("nightly"), PathlingConfig { writes_forever: Some(503), ..Default::default() }).await;
     let (status, retry) = h.send("PUT", "Patient/d1", &patient("d1"), &[]).await;
     assert_eq!((status, retry.as_deref()), (503, Some("10")));
     let tries = h.pathling.log().writes;
@@ -289,7 +280,6 @@ async fn pathling_down_asks_sources_to_come_back_then_catches_up() {
 #[tokio::test]
 async fn a_change_pathling_refuses_does_not_hold_up_the_others() {
     let mut h = Harness::start(
-        Content::IdOnly,
         Some("nightly"),
         PathlingConfig {
             write_delay: Some(Duration::from_millis(300)),
@@ -328,12 +318,8 @@ async fn a_change_pathling_refuses_does_not_hold_up_the_others() {
 async fn the_relay_holds_a_bounded_amount() {
     // Pathling slow: notifications wait in the relay; past 32 MiB sources are told to come back
     let h = Arc::new(
-        Harness::start(
-            Content::IdOnly,
-            None,
-            PathlingConfig { write_delay: Some(Duration::from_millis(1500)), ..Default::default() },
-        )
-        .await,
+        Harness::start(None, PathlingConfig { write_delay: Some(Duration::from_millis(1500)), ..Default::default() })
+            .await,
     );
     let big = |id: &str| json!({"resourceType": "Patient", "id": id, "text": {"div": "x".repeat(6 << 20)}});
     let mut tasks = vec![];
@@ -353,9 +339,9 @@ async fn the_relay_holds_a_bounded_amount() {
 
 #[tokio::test]
 async fn a_replica_that_does_not_relay_forwards_to_the_one_that_does() {
-    let h = Harness::start(Content::IdOnly, None, PathlingConfig::default()).await;
+    let h = Harness::start(None, PathlingConfig::default()).await;
     let leader_addr = h.url.trim_start_matches("http://").split('/').next().unwrap().to_string();
-    let (other, _rx) = Relay::new(Some(b"a shared secret"), Arc::new(Metrics::default()), CancellationToken::new());
+    let (other, _rx) = Relay::new(b"a shared secret", Arc::new(Metrics::default()), CancellationToken::new());
     let follower = Arc::new(Leadership::elected());
     let addr = serve(other, follower.clone()).await;
     let url = format!("http://{addr}/fss/ns1/feed/Patient/f1");
@@ -369,4 +355,16 @@ async fn a_replica_that_does_not_relay_forwards_to_the_one_that_does() {
     // the leader checks the credential, whoever forwarded it
     let r = h.http.put(&url).bearer_auth("forged").body(patient("f1").to_string()).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 401);
+}
+
+#[tokio::test]
+async fn a_change_the_source_cannot_give_is_not_acknowledged() {
+    let mut h = Harness::start(Some("nightly"), PathlingConfig::default()).await;
+    h.http.put(format!("{}/Patient/ok", h.source.base)).json(&patient("ok")).send().await.unwrap();
+    // the source answers a read of Patient/odd with another resource
+    h.http.put(format!("{}/Patient/odd", h.source.base)).json(&patient("other")).send().await.unwrap();
+    let n = backport("u", "event-notification", 1, &["Patient/ok", "Patient/odd"], vec![]);
+    assert_eq!(h.send("POST", "", &n, &[]).await.0, 422, "not a 200 for a change never applied");
+    assert_eq!(h.pathling.ids("Patient"), vec!["ok"], "the other change is applied");
+    assert!(h.next_catch_up().await.why.contains("Patient/odd"));
 }

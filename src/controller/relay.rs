@@ -57,11 +57,20 @@ pub async fn start(
     stop: CancellationToken,
 ) -> Result<(Arc<Relay>, broadcast::Sender<(String, String)>), Error> {
     let key = match &args.relay_key_file {
-        Some(p) => Some(
-            std::fs::read(p)
+        Some(p) => {
+            let k = std::fs::read(p)
                 .map(|b| b.trim_ascii().to_vec())
-                .map_err(|e| Error::Other(format!("--relay-key-file {}: {e}", p.display())))?,
-        ),
+                .map_err(|e| Error::Other(format!("--relay-key-file {}: {e}", p.display())))?;
+            // anyone who knows a sync's uid could make its credential from a short key
+            if k.len() < 32 {
+                return Err(Error::Other(format!(
+                    "--relay-key-file {}: the key has {} bytes; it needs at least 32 (e.g. `head -c 48 /dev/urandom | base64`)",
+                    p.display(),
+                    k.len()
+                )));
+            }
+            Some(k)
+        }
         None => None,
     };
     if key.is_none() && args.receiver_addr.is_some() {
@@ -69,7 +78,16 @@ pub async fn start(
             "no --relay-key-file: the relay's credentials change when the operator restarts (Subscriptions are updated), and replicas would not agree"
         );
     }
-    let (relay, catch_ups) = Relay::new(key.as_deref(), metrics, stop.clone());
+    let key = match key {
+        Some(k) => k,
+        None => {
+            let mut b = vec![0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+                .map_err(|_| Error::Other("no random numbers for the relay's key".into()))?;
+            b
+        }
+    };
+    let (relay, catch_ups) = Relay::new(&key, metrics, stop.clone());
     if let Some(addr) = args.receiver_addr {
         let tls = match (&args.receiver_tls_cert, &args.receiver_tls_key) {
             (Some(c), Some(k)) => Some((

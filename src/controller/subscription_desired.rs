@@ -210,7 +210,6 @@ pub async fn configure_relay(
         uid: uid.clone(),
         source: source.clone(),
         pathling: PathlingClient::new(pathling.client),
-        content,
         catch_up: spec.catch_up.as_ref().map(|c| c.bulk_export_sync_ref.name.clone()),
         fingerprint,
         last_events: obj

@@ -104,6 +104,13 @@ impl Budget {
     }
 }
 
+impl Default for Held {
+    /// Nothing held.
+    fn default() -> Self {
+        Self { bytes: Bytes::new(), size: 0, held: Arc::default() }
+    }
+}
+
 impl Held {
     /// The bytes.
     pub fn bytes(&self) -> &Bytes {

@@ -13,16 +13,21 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::budget::Held;
 use crate::fhir::client::Error as HttpError;
 use crate::pathling::{BATCH_MAX, PathlingClient, Put};
 use crate::run::policy::{Class, classify};
 
 /// Bytes of resources in one batch (a larger resource goes alone, as a PUT).
-pub const BATCH_BYTES: usize = 4 << 20;
+pub const BATCH_BYTES: usize = 2 << 20;
 /// How long a write is retried (busy or transient Pathling) before its sources are told to come back.
 pub const RETRY_FOR: Duration = Duration::from_secs(5);
 /// What sources are told to wait when Pathling is unavailable.
 pub const COME_BACK: Duration = Duration::from_secs(10);
+/// Under load (the last write ended moments ago), how long a group waits for the changes its
+/// sources send right after their acknowledgements — so that groups stay full instead of
+/// alternating full and nearly empty. An idle relay writes at once.
+const LINGER: Duration = Duration::from_millis(20);
 /// DELETEs sent at once.
 const PARALLEL_DELETES: usize = 4;
 
@@ -72,6 +77,8 @@ struct Job {
     write: Write,
     at: Instant,
     reply: oneshot::Sender<Outcome>,
+    /// The notification's bytes stay counted against the relay's budget while its changes wait.
+    _hold: Arc<Held>,
 }
 
 /// Receives each write's report.
@@ -91,12 +98,14 @@ impl Committer {
         Self { tx }
     }
 
-    /// Submits changes and waits for their outcomes (in order).
-    pub async fn submit(&self, writes: Vec<Write>) -> Vec<Outcome> {
+    /// Submits changes and waits for their outcomes (in order); `hold` (the notification's counted
+    /// bytes) is let go when the last of them is written or given up.
+    pub async fn submit(&self, writes: Vec<Write>, hold: Held) -> Vec<Outcome> {
+        let hold = Arc::new(hold);
         let mut waits = vec![];
         for w in writes {
             let (reply, rx) = oneshot::channel();
-            if self.tx.send(Job { write: w, at: Instant::now(), reply }).is_err() {
+            if self.tx.send(Job { write: w, at: Instant::now(), reply, _hold: hold.clone() }).is_err() {
                 waits.push(None);
             } else {
                 waits.push(Some(rx));
@@ -116,6 +125,7 @@ impl Committer {
 async fn run(pathling: PathlingClient, mut rx: mpsc::UnboundedReceiver<Job>, report: Report, stop: CancellationToken) {
     // a change that did not fit the last group starts the next
     let mut carry: Option<Job> = None;
+    let mut last_write: Option<Instant> = None;
     loop {
         let first = match carry.take() {
             Some(j) => j,
@@ -124,10 +134,23 @@ async fn run(pathling: PathlingClient, mut rx: mpsc::UnboundedReceiver<Job>, rep
                 _ = stop.cancelled() => return,
             },
         };
+        // the source hung up: nobody waits for this change (it sends it again), do not write it
+        if first.reply.is_closed() {
+            continue;
+        }
         let mut jobs = vec![first];
         let mut bytes = jobs[0].write.bytes();
+        let linger = last_write.is_some_and(|t| t.elapsed() < LINGER).then(|| tokio::time::Instant::now() + LINGER);
         while jobs.len() < BATCH_MAX {
-            match rx.try_recv() {
+            let next = match linger {
+                Some(until) => match tokio::time::timeout_at(until, rx.recv()).await {
+                    Ok(Some(j)) => Ok(j),
+                    _ => Err(()),
+                },
+                None => rx.try_recv().map_err(|_| ()),
+            };
+            match next {
+                Ok(j) if j.reply.is_closed() => {}
                 Ok(j) if bytes + j.write.bytes() > BATCH_BYTES => {
                     carry = Some(j);
                     break;
@@ -141,6 +164,7 @@ async fn run(pathling: PathlingClient, mut rx: mpsc::UnboundedReceiver<Job>, rep
         }
         let oldest = jobs.iter().map(|j| j.at).min().unwrap_or_else(Instant::now);
         let (outcomes, requests) = commit(&pathling, &jobs, &stop).await;
+        last_write = Some(Instant::now());
         let mut r = WriteReport { requests, oldest: oldest.elapsed(), ..Default::default() };
         for (job, o) in jobs.into_iter().zip(outcomes) {
             match &o {
@@ -189,10 +213,20 @@ async fn commit(pathling: &PathlingClient, jobs: &[Job], stop: &CancellationToke
             Err(Outcome::Rejected(why)) if puts.len() > 1 => {
                 // one bad entry fails Pathling's whole batch: find it, write the others
                 tracing::warn!(error = %why, entries = puts.len(), "Pathling refused a batch; writing its entries one by one");
+                let mut gone: Option<Outcome> = None;
                 for (i, p) in upserts.iter().zip(&puts) {
+                    if let Some(o) = &gone {
+                        result.insert(*i, o.clone());
+                        continue;
+                    }
                     let (o, n) = with_retries(stop, || pathling.put(*p)).await;
                     requests += n;
-                    result.insert(*i, o.err().unwrap_or(Outcome::Applied));
+                    let o = o.err().unwrap_or(Outcome::Applied);
+                    // Pathling went away meanwhile: the rest waits for the sources to send again
+                    if matches!(o, Outcome::Unavailable(_)) {
+                        gone = Some(o.clone());
+                    }
+                    result.insert(*i, o);
                 }
             }
             Err(o) => upserts.iter().for_each(|i| drop(result.insert(*i, o.clone()))),
@@ -241,10 +275,11 @@ where
                     // a credential to fix: the source keeps the change and sends it again
                     return (Err(Outcome::Unavailable(msg)), n);
                 }
-                if start.elapsed() + wait > RETRY_FOR {
+                // a Retry-After of 0 (or in the past) does not make it sooner than the backoff
+                let pause = e.retry_after().map(|r| r.min(RETRY_FOR)).unwrap_or_default().max(wait);
+                if start.elapsed() + pause > RETRY_FOR {
                     return (Err(Outcome::Unavailable(msg)), n);
                 }
-                let pause = e.retry_after().map(|r| r.min(RETRY_FOR)).unwrap_or(wait);
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
                     _ = stop.cancelled() => return (Err(Outcome::Unavailable("the relay is stopping".into())), n),

@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 
 use super::notify::{Kind, TopicNotification};
 
+/// Most Subscriptions tracked per sync (a sync owns one per criteria, at most 100).
+const TRACKED_MAX: usize = 200;
+
 /// What the relay has seen per Subscription (seeded from the sync's status after a restart).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tracker {
@@ -43,21 +46,21 @@ impl Tracker {
                 if let (Some(l), Some(e)) = (last, n.events_since_start)
                     && e > l
                 {
-                    missed.push(format!("Subscription/{sub}: events {}–{e} never arrived", l + 1));
+                    missed.push(format!("Subscription/{sub}: events {}–{e} never arrived", l.saturating_add(1)));
                     self.last.insert(sub.clone(), e);
                 }
             }
             Kind::Event => {
                 let mut numbers: Vec<i64> = n.events.iter().filter_map(|e| e.number).collect();
                 numbers.sort_unstable();
-                let mut expect = last.map(|l| l + 1);
+                let mut expect = last.map(|l| l.saturating_add(1));
                 for k in &numbers {
                     if let Some(x) = expect
                         && *k > x
                     {
                         missed.push(format!("Subscription/{sub}: events {x}–{} never arrived", k - 1));
                     }
-                    expect = Some(expect.map_or(k + 1, |x| x.max(k + 1)));
+                    expect = Some(expect.map_or(k.saturating_add(1), |x| x.max(k.saturating_add(1))));
                 }
                 if let Some(max) = numbers.last() {
                     let v = self.last.entry(sub.clone()).or_insert(0);
@@ -67,7 +70,15 @@ impl Tracker {
             Kind::Other => {}
         }
         if n.unknowable > 0 {
-            missed.push(format!("Subscription/{sub}: {} events without content (empty payload)", n.unknowable));
+            missed.push(format!(
+                "Subscription/{sub}: {} events whose change the notification does not say (empty payload, or an entry naming nothing)",
+                n.unknowable
+            ));
+        }
+        // bounded: a source cannot grow the tracker with made-up Subscription ids
+        while self.last.len() > TRACKED_MAX {
+            let Some(k) = self.last.keys().find(|k| **k != sub).cloned() else { break };
+            self.last.remove(&k);
         }
         (!missed.is_empty()).then(|| missed.join("; "))
     }

@@ -17,11 +17,27 @@ use super::{Answer, CATCH_UP_EVERY, CatchUpRequest, Incoming, READ_MAX, Relay, S
 use crate::fhir::client::{Error as HttpError, HttpClient, Request, read_capped};
 use crate::metrics::SyncLabels;
 
+impl SyncRelay {
+    /// The source was asked to send again: until a notification is applied, it may give up on some,
+    /// so the next applied one starts a catch-up.
+    pub fn asked_to_come_back(&self) {
+        self.outage.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(Instant::now);
+    }
+}
+
 impl Relay {
     pub(super) async fn handle_inner(&self, s: &SyncRelay, req: &mut Incoming<'_>) -> Answer {
+        let a = self.pipeline(s, req).await;
+        if a.status == 503 {
+            s.asked_to_come_back();
+        }
+        a
+    }
+
+    async fn pipeline(&self, s: &SyncRelay, req: &mut Incoming<'_>) -> Answer {
         let body = req.body.release();
         let parsed = match req.rest {
-            [] if req.method == "POST" => notify::post(&body, req.medplum_deleted, s.cfg.content),
+            [] if req.method == "POST" => notify::post(&body, req.medplum_deleted),
             [t, id] => notify::rest_hook(req.method, t, id, &body),
             _ => return Answer::new(404, "not a notification path"),
         };
@@ -74,6 +90,7 @@ impl Relay {
             .max();
         // id-only: the source says what the resource is now
         let mut writes = vec![];
+        let mut unreadable = None;
         for c in changes {
             match c {
                 Change::Upsert { type_, id, resource, .. } => writes.push(Write::Upsert { type_, id, resource }),
@@ -91,7 +108,9 @@ impl Relay {
                     Ok(None) => writes.push(Write::Delete { type_, id }),
                     Err(e) if matches!(crate::run::policy::classify(&e), crate::run::policy::Class::Permanent) => {
                         s.count(&self.metrics, "failed", 1);
-                        self.missed(s, &format!("{type_}/{id} could not be read from the source: {e}"));
+                        let m = format!("{type_}/{id} could not be read from the source: {e}");
+                        self.missed(s, &m);
+                        unreadable = Some(m);
                     }
                     Err(e) => {
                         return Answer::come_back(format!("reading {type_}/{id} from the source: {e}"), 10);
@@ -99,7 +118,7 @@ impl Relay {
                 },
             }
         }
-        let outcomes = s.committer.submit(writes).await;
+        let outcomes = s.committer.submit(writes, std::mem::take(&mut req.body)).await;
         let unavailable = outcomes.iter().find_map(|o| match o {
             Outcome::Unavailable(m) => Some(m.clone()),
             _ => None,
@@ -109,14 +128,13 @@ impl Relay {
             _ => None,
         });
         if let Some(m) = unavailable {
-            s.outage.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(Instant::now);
             return Answer::come_back(format!("Pathling is unavailable: {m}"), commit::COME_BACK.as_secs());
         }
         if let Some(since) = s.outage.lock().unwrap_or_else(|p| p.into_inner()).take() {
             self.missed(
                 s,
                 &format!(
-                    "Pathling was unavailable for {}s; sources may have given up on notifications meanwhile",
+                    "the relay was unavailable to the source for {}s (Pathling down, or the relay full); sources may have given up on notifications meanwhile",
                     since.elapsed().as_secs()
                 ),
             );
@@ -129,6 +147,10 @@ impl Relay {
         if let Some(m) = rejected {
             self.missed(s, &format!("Pathling refused a change: {m}"));
             return Answer::new(422, format!("Pathling refused a change: {m}"));
+        }
+        if let Some(m) = unreadable {
+            // the others are applied; this one is not, and is not acknowledged (a catch-up brings it)
+            return Answer::new(422, m);
         }
         Answer::new(200, "applied")
     }

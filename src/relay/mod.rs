@@ -29,16 +29,19 @@ pub mod receiver;
 
 use budget::{Budget, Held};
 use commit::{Committer, WriteReport};
-use notify::Content;
 
+/// Longest a notification's body may take to arrive (a slow sender holds budget meanwhile).
+const BODY_TIME: Duration = Duration::from_secs(30);
 /// Largest notification body read.
-pub const BODY_MAX: usize = 16 << 20;
+pub const BODY_MAX: usize = 10 << 20;
 /// Bytes of notifications (and of resources read for them) held at once until Pathling accepts
-/// them, across all syncs: past it, sources are told to come back (503). With the reads in flight
-/// and the write to Pathling, it keeps the relay's share of the operator's memory under ~40 MiB.
-pub const PENDING_MAX: usize = 16 << 20;
-/// Largest resource read from a source for an `id-only` notification.
-const READ_MAX: usize = 8 << 20;
+/// them, across all syncs: past it, sources are told to come back (503). The relay's share of the
+/// operator's memory, worst case: these 10 MiB twice while being parsed, two reads in flight (2 × 4
+/// MiB, twice while parsed), a batch (2 MiB) and its answer (≤ 5 MiB) — about 43 MiB.
+pub const PENDING_MAX: usize = 10 << 20;
+/// Largest resource read from a source for an `id-only` notification (a larger one is refused:
+/// 422, and a catch-up brings it).
+const READ_MAX: usize = 4 << 20;
 /// Resources read from sources at once (their bytes are in memory before they can be counted).
 const READS_AT_ONCE: usize = 2;
 /// At most one catch-up request per sync in this time.
@@ -53,8 +56,6 @@ pub struct SyncConfig {
     pub source: HttpClient,
     /// Where the changes go (with Pathling's own credential).
     pub pathling: PathlingClient,
-    /// What topic-based Subscriptions were asked to send.
-    pub content: Content,
     /// The BulkExportSync run when changes were missed.
     pub catch_up: Option<String>,
     /// Identifies the configuration: an unchanged one keeps its committer and counters.
@@ -134,23 +135,13 @@ fn key(ns: &str, name: &str) -> String {
 }
 
 impl Relay {
-    /// A relay whose per-sync credentials derive from `secret` (every replica must share it; `None`
-    /// makes a random one, valid until the process ends). Returns the catch-up requests to carry out.
+    /// A relay whose per-sync credentials derive from `secret` (every replica must share it).
+    /// Returns the catch-up requests to carry out.
     pub fn new(
-        secret: Option<&[u8]>,
+        secret: &[u8],
         metrics: Arc<Metrics>,
         stop: CancellationToken,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<CatchUpRequest>) {
-        let random;
-        let secret = match secret {
-            Some(s) => s,
-            None => {
-                let mut b = [0u8; 32];
-                let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-                random = b;
-                &random
-            }
-        };
         let (tx, rx) = mpsc::unbounded_channel();
         let relay = Arc::new(Self {
             syncs: RwLock::default(),
@@ -275,7 +266,10 @@ impl Relay {
         S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let r = self.budget.read(content_length, body).await;
+        let r = match tokio::time::timeout(BODY_TIME, self.budget.read(content_length, body)).await {
+            Ok(r) => r,
+            Err(_) => Err(Answer::new(408, "the notification took too long to arrive")),
+        };
         self.metrics.relay_pending_bytes.set(self.budget.held() as i64);
         r
     }

@@ -205,13 +205,28 @@ struct Param {
     #[serde(rename = "valueString", default)]
     value_string: Option<String>,
     #[serde(rename = "valueInteger64", default)]
-    value_integer64: Option<serde_json::Value>,
+    value_integer64: Num,
     #[serde(rename = "valueUnsignedInt", default)]
-    value_unsigned: Option<i64>,
+    value_unsigned: Num,
+    #[serde(default)]
+    part: BoundedVec<Part, 16>,
+}
+
+/// A part of a `notification-event` parameter (parts do not nest: what a source nests is skipped).
+#[derive(Deserialize)]
+struct Part {
+    #[serde(default)]
+    name: String,
+    #[serde(rename = "valueReference", default)]
+    value_reference: Option<Reference>,
+    #[serde(rename = "valueString", default)]
+    value_string: Option<String>,
+    #[serde(rename = "valueInteger64", default)]
+    value_integer64: Num,
+    #[serde(rename = "valueUnsignedInt", default)]
+    value_unsigned: Num,
     #[serde(rename = "valueInstant", default)]
     value_instant: Option<String>,
-    #[serde(default)]
-    part: BoundedVec<Param, 16>,
 }
 
 #[derive(Deserialize)]
@@ -229,7 +244,7 @@ struct SubscriptionStatus {
     #[serde(rename = "type", default)]
     type_: Option<String>,
     #[serde(default)]
-    events_since_subscription_start: Option<serde_json::Value>,
+    events_since_subscription_start: Num,
     #[serde(default)]
     notification_event: BoundedVec<R5Event, MAX_EVENTS>,
     #[serde(default)]
@@ -240,19 +255,62 @@ struct SubscriptionStatus {
 #[serde(rename_all = "camelCase")]
 struct R5Event {
     #[serde(default)]
-    event_number: Option<serde_json::Value>,
+    event_number: Num,
     #[serde(default)]
     timestamp: Option<String>,
     #[serde(default)]
     focus: Option<Reference>,
 }
 
-/// A number sent as a JSON number or a string (`"12"`; R4 uses valueString, R5 integer64 strings).
-fn number(v: &serde_json::Value) -> Option<i64> {
-    match v {
-        serde_json::Value::Number(n) => n.as_i64(),
-        serde_json::Value::String(s) => s.trim().parse().ok(),
-        _ => None,
+/// Largest event number taken (JSON's safe integers): a larger one is as good as none.
+const NUMBER_MAX: i64 = 1 << 53;
+
+/// An event count sent as a JSON number or a string (`"12"`; R4 uses valueString, R5 integer64
+/// strings), from 0 to 2^53; anything else reads as none, skipped without being built.
+#[derive(Default, Clone, Copy)]
+struct Num(Option<i64>);
+
+fn count(s: &str) -> Option<i64> {
+    s.trim().parse().ok().filter(|n| (0..=NUMBER_MAX).contains(n))
+}
+
+impl<'de> Deserialize<'de> for Num {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Num;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number")
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Num, E> {
+                Ok(Num(Some(v).filter(|n| (0..=NUMBER_MAX).contains(n))))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Num, E> {
+                Ok(Num(i64::try_from(v).ok().filter(|n| *n <= NUMBER_MAX)))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Num, E> {
+                Ok(Num(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Num, E> {
+                Ok(Num(None))
+            }
+            fn visit_unit<E>(self) -> Result<Num, E> {
+                Ok(Num(None))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Num, E> {
+                Ok(Num(count(v)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Num, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Num(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Num, A::Error> {
+                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Num(None))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -271,9 +329,10 @@ fn subscription_id(r: Option<&str>) -> Option<String> {
     ids::reference(r?).filter(|(t, _)| t == "Subscription").map(|(_, id)| id)
 }
 
-/// A topic-based notification Bundle. `content` is what the Subscription asked for: with
-/// `full-resource` an entry without a resource is a delete; with `id-only` it is to be read.
-pub fn topic(body: &[u8], content: Content) -> Result<Notification, NotUnderstood> {
+/// A topic-based notification Bundle, whatever content the Subscription asked for: a resource in an
+/// entry is written, an entry with a `DELETE` request deletes, anything else named (an `id-only`
+/// entry, an entry left without its resource, an event's focus) is read from the source.
+pub fn topic(body: &[u8]) -> Result<Notification, NotUnderstood> {
     let b: RawBundle = serde_json::from_slice(body).map_err(|e| bad(format!("not a notification Bundle: {e}")))?;
     if b.resource_type.as_deref() != Some("Bundle") {
         return Err(bad("not a Bundle"));
@@ -304,12 +363,8 @@ pub fn topic(body: &[u8], content: Content) -> Result<Notification, NotUnderstoo
                     "type" => n.kind = kind(x.value_code.as_deref()),
                     "status" => n.status = x.value_code.map(|s| crate::text::peer_text(&s, 32)),
                     "events-since-subscription-start" => {
-                        n.events_since_start = x
-                            .value_string
-                            .as_deref()
-                            .and_then(|s| s.trim().parse().ok())
-                            .or(x.value_integer64.as_ref().and_then(number))
-                            .or(x.value_unsigned)
+                        n.events_since_start =
+                            x.value_string.as_deref().and_then(count).or(x.value_integer64.0).or(x.value_unsigned.0)
                     }
                     "notification-event" => {
                         let mut e = Event::default();
@@ -319,9 +374,9 @@ pub fn topic(body: &[u8], content: Content) -> Result<Notification, NotUnderstoo
                                     e.number = part
                                         .value_string
                                         .as_deref()
-                                        .and_then(|s| s.trim().parse().ok())
-                                        .or(part.value_integer64.as_ref().and_then(number))
-                                        .or(part.value_unsigned)
+                                        .and_then(count)
+                                        .or(part.value_integer64.0)
+                                        .or(part.value_unsigned.0)
                                 }
                                 "timestamp" => e.timestamp = part.value_instant.and_then(|t| t.parse().ok()),
                                 "focus" => {
@@ -342,13 +397,13 @@ pub fn topic(body: &[u8], content: Content) -> Result<Notification, NotUnderstoo
             n.subscription = subscription_id(s.subscription.and_then(|r| r.reference).as_deref());
             n.kind = kind(s.type_.as_deref());
             n.status = s.status.map(|s| crate::text::peer_text(&s, 32));
-            n.events_since_start = s.events_since_subscription_start.as_ref().and_then(number);
+            n.events_since_start = s.events_since_subscription_start.0;
             n.events = s
                 .notification_event
                 .0
                 .into_iter()
                 .map(|e| Event {
-                    number: e.event_number.as_ref().and_then(number),
+                    number: e.event_number.0,
                     timestamp: e.timestamp.and_then(|t| t.parse().ok()),
                     focus: e.focus.and_then(|r| r.reference).and_then(|r| ids::reference(&r)),
                 })
@@ -356,12 +411,16 @@ pub fn topic(body: &[u8], content: Content) -> Result<Notification, NotUnderstoo
         }
         _ => return Err(bad("the notification's first entry is neither Parameters nor SubscriptionStatus")),
     }
-    if n.kind != Kind::Event {
-        return Ok(Notification::Topic(n));
+    match n.kind {
+        Kind::Event => {}
+        Kind::Other => {
+            return Err(bad("a notification of no known type (handshake, heartbeat, event-notification, …)"));
+        }
+        _ => return Ok(Notification::Topic(n)),
     }
     let when =
         |focus: &(String, String)| n.events.iter().find(|e| e.focus.as_ref() == Some(focus)).and_then(|e| e.timestamp);
-    let mut covered = 0usize;
+    let mut changes = vec![];
     for e in entries {
         match e.resource {
             Some(r) => {
@@ -371,8 +430,7 @@ pub fn topic(body: &[u8], content: Content) -> Result<Notification, NotUnderstoo
                 {
                     *changed_at = when(&(type_.clone(), id.clone()));
                 }
-                n.changes.push(c);
-                covered += 1;
+                changes.push(c);
             }
             None => {
                 let target = e
@@ -381,34 +439,41 @@ pub fn topic(body: &[u8], content: Content) -> Result<Notification, NotUnderstoo
                     .and_then(|r| r.url.as_deref())
                     .and_then(ids::reference)
                     .or_else(|| e.full_url.as_deref().and_then(ids::reference));
-                let Some((type_, id)) = target else { continue };
+                let Some((type_, id)) = target else {
+                    n.unknowable += 1;
+                    continue;
+                };
                 let deleted = e
                     .request
                     .as_ref()
                     .and_then(|r| r.method.as_deref())
                     .is_some_and(|m| m.eq_ignore_ascii_case("DELETE"));
-                n.changes.push(match (content, deleted) {
-                    (Content::FullResource, _) | (_, true) => Change::Delete { type_, id },
-                    _ => Change::Read { type_, id },
-                });
-                covered += 1;
+                // without its resource (left out, or withheld from fhirsync) an entry is read back:
+                // only the source can say it is gone
+                changes.push(if deleted { Change::Delete { type_, id } } else { Change::Read { type_, id } });
             }
         }
     }
-    if covered == 0 {
-        match content {
-            // Helios names the focus even without entries: it can be read
-            Content::IdOnly => {
-                for e in &n.events {
-                    if let Some((t, id)) = &e.focus {
-                        n.changes.push(Change::Read { type_: t.clone(), id: id.clone() });
-                    }
-                }
-                n.unknowable = n.events.iter().filter(|e| e.focus.is_none()).count();
+    // events the entries do not cover: their focus is read (Helios names it even without entries);
+    // events without one cannot be known
+    let covered: std::collections::HashSet<(String, String)> =
+        changes.iter().map(|c| (c.key().0.to_string(), c.key().1.to_string())).collect();
+    let mut unfocused = 0usize;
+    for e in &n.events {
+        match &e.focus {
+            Some(k) if !covered.contains(k) && !changes.iter().any(|c| c.key() == (k.0.as_str(), k.1.as_str())) => {
+                changes.push(Change::Read { type_: k.0.clone(), id: k.1.clone() });
             }
-            _ => n.unknowable = n.events.len().max(1),
+            Some(_) => {}
+            None => unfocused += 1,
         }
     }
+    let unmatched = covered.iter().filter(|k| !n.events.iter().any(|e| e.focus.as_ref() == Some(*k))).count();
+    n.unknowable += unfocused.saturating_sub(unmatched);
+    if n.events.is_empty() && changes.is_empty() {
+        n.unknowable = n.unknowable.max(1);
+    }
+    n.changes = changes;
     Ok(Notification::Topic(n))
 }
 
@@ -424,13 +489,13 @@ pub fn medplum(deleted: Option<&str>, body: &[u8]) -> Result<Notification, NotUn
 }
 
 /// A `POST` to the endpoint: a notification Bundle, else a resource (Medplum and others).
-pub fn post(body: &[u8], medplum_deleted: Option<&str>, content: Content) -> Result<Notification, NotUnderstood> {
+pub fn post(body: &[u8], medplum_deleted: Option<&str>) -> Result<Notification, NotUnderstood> {
     if medplum_deleted.is_some() {
         return medplum(medplum_deleted, body);
     }
     let h: ResourceHead = serde_json::from_slice(body).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
     match h.resource_type.as_deref() {
-        Some("Bundle") => topic(body, content),
+        Some("Bundle") => topic(body),
         Some(_) => medplum(None, body),
         None => Err(bad("the body is not a FHIR resource")),
     }
@@ -477,7 +542,7 @@ mod tests {
 
     #[test]
     fn backport_notifications_as_helios_sends_them() {
-        let hs = topic_of(topic(backport("handshake", "", "").as_bytes(), Content::IdOnly).unwrap());
+        let hs = topic_of(topic(backport("handshake", "", "").as_bytes()).unwrap());
         assert_eq!(
             (hs.kind, hs.subscription.as_deref(), hs.events_since_start),
             (Kind::Handshake, Some("sub-1"), Some(7))
@@ -488,7 +553,7 @@ mod tests {
             &event(8, "Patient/s1"),
             r#",{"fullUrl":"http://h/Patient/s1","request":{"method":"GET","url":"Patient/s1"},"response":{"status":"200"}}"#,
         );
-        let t = topic_of(topic(idonly.as_bytes(), Content::IdOnly).unwrap());
+        let t = topic_of(topic(idonly.as_bytes()).unwrap());
         assert_eq!(t.events[0].number, Some(8));
         assert_eq!(t.events[0].focus, Some(("Patient".into(), "s1".into())));
         assert_eq!(keys(&t.changes), vec!["read Patient/s1"]);
@@ -499,8 +564,8 @@ mod tests {
             r#",{"fullUrl":"http://h/Patient/s1","resource":{"resourceType":"Patient","id":"s1","active":true},"request":{"method":"PUT","url":"Patient/s1"}},
                {"fullUrl":"http://h/Patient/s2","request":{"method":"GET","url":"Patient/s2"}}"#,
         );
-        let t = topic_of(topic(full.as_bytes(), Content::FullResource).unwrap());
-        assert_eq!(keys(&t.changes), vec!["upsert Patient/s1", "delete Patient/s2"]);
+        let t = topic_of(topic(full.as_bytes()).unwrap());
+        assert_eq!(keys(&t.changes), vec!["upsert Patient/s1", "read Patient/s2"], "only the source says it is gone");
         match &t.changes[0] {
             Change::Upsert { changed_at, resource, .. } => {
                 assert!(changed_at.is_some(), "the event's timestamp dates the change");
@@ -508,11 +573,17 @@ mod tests {
             }
             c => panic!("{c:?}"),
         }
-        // empty: nothing to apply, the change is unknowable
+        // empty: a named focus is read; without one the change is unknowable
         let empty = backport("event-notification", &event(11, "Patient/s1"), "");
-        let t = topic_of(topic(empty.as_bytes(), Content::Empty).unwrap());
-        assert!(t.changes.is_empty());
-        assert_eq!(t.unknowable, 1);
+        let t = topic_of(topic(empty.as_bytes()).unwrap());
+        assert_eq!((keys(&t.changes), t.unknowable), (vec!["read Patient/s1".to_string()], 0));
+        let unfocused = r#",{"name":"notification-event","part":[{"name":"event-number","valueString":"12"}]}"#;
+        let t = topic_of(topic(backport("event-notification", unfocused, "").as_bytes()).unwrap());
+        assert_eq!((t.changes.len(), t.unknowable, t.events[0].number), (0, 1, Some(12)));
+        // an entry that names nothing is unknowable too, not skipped
+        let nameless = backport("event-notification", &event(13, "Patient/s1"), r#",{"request":{"method":"PUT"}}"#);
+        let t = topic_of(topic(nameless.as_bytes()).unwrap());
+        assert_eq!((keys(&t.changes), t.unknowable), (vec!["read Patient/s1".to_string()], 1));
     }
 
     #[test]
@@ -522,7 +593,7 @@ mod tests {
             "eventsSinceSubscriptionStart":"3","subscription":{"reference":"https://s/fhir/Subscription/abc"},
             "notificationEvent":[{"eventNumber":"3","timestamp":"2026-11-26T00:00:00Z","focus":{"reference":"Observation/o1"}}]}},
           {"fullUrl":"https://s/fhir/Observation/o1","resource":{"resourceType":"Observation","id":"o1","status":"final"}}]}"#;
-        let t = topic_of(post(body.as_bytes(), None, Content::FullResource).unwrap());
+        let t = topic_of(post(body.as_bytes(), None).unwrap());
         assert_eq!((t.subscription.as_deref(), t.events_since_start, t.kind), (Some("abc"), Some(3), Kind::Event));
         assert_eq!(keys(&t.changes), vec!["upsert Observation/o1"]);
     }
@@ -535,16 +606,26 @@ mod tests {
             rest_hook("DELETE", "Patient", "p1", b"").unwrap(),
             Notification::Change(Change::Delete { type_: "Patient".into(), id: "p1".into() })
         );
-        let m = post(
-            br#"{"resourceType":"Patient","id":"m1","meta":{"lastUpdated":"2026-11-26T00:00:00Z"}}"#,
-            None,
-            Content::IdOnly,
-        );
+        let m = post(br#"{"resourceType":"Patient","id":"m1","meta":{"lastUpdated":"2026-11-26T00:00:00Z"}}"#, None);
         assert!(matches!(m, Ok(Notification::Change(Change::Upsert { changed_at: Some(_), .. }))));
         assert_eq!(
-            post(b"{}", Some("Patient/m1"), Content::IdOnly).unwrap(),
+            post(b"{}", Some("Patient/m1")).unwrap(),
             Notification::Change(Change::Delete { type_: "Patient".into(), id: "m1".into() })
         );
+    }
+
+    #[test]
+    fn numbers_and_nesting_a_source_cannot_abuse() {
+        // event numbers past 2^53, negative, or not numbers read as none; nested parts are skipped
+        let odd = r#",{"name":"notification-event","part":[{"name":"event-number","valueInteger64":[[[[1]]]]},
+            {"name":"x","part":[{"name":"y","part":[{"name":"z"}]}]}]},
+            {"name":"notification-event","part":[{"name":"event-number","valueString":"9223372036854775807"}]},
+            {"name":"notification-event","part":[{"name":"event-number","valueInteger64":-4}]},
+            {"name":"notification-event","part":[{"name":"event-number","valueInteger64":"5"}]}"#;
+        let t = topic_of(topic(backport("event-notification", odd, "").as_bytes()).unwrap());
+        let numbers: Vec<Option<i64>> = t.events.iter().map(|e| e.number).collect();
+        assert_eq!(numbers, vec![None, None, None, Some(5)]);
+        assert!(post(backport("mystery", "", "").as_bytes(), None).is_err(), "an unknown type is refused");
     }
 
     #[test]
@@ -553,13 +634,10 @@ mod tests {
             (rest_hook("PUT", "Patient", "p1", br#"{"resourceType":"Patient","id":"p2"}"#), "URL says"),
             (rest_hook("PUT", "Patient", "..", b"{}"), "not {Type}/{id}"),
             (rest_hook("PUT", "Patient", "p1", b"<html/>"), "not a JSON resource"),
-            (post(b"{}", Some("../../x"), Content::IdOnly), "not Type/id"),
-            (
-                post(br#"{"resourceType":"Bundle","type":"transaction"}"#, None, Content::IdOnly),
-                "not a subscription notification",
-            ),
-            (post(br#"{"resourceType":"Patient","id":"../x"}"#, None, Content::IdOnly), "not valid FHIR"),
-            (post(br#"{"id":"x"}"#, None, Content::IdOnly), "not a FHIR resource"),
+            (post(b"{}", Some("../../x")), "not Type/id"),
+            (post(br#"{"resourceType":"Bundle","type":"transaction"}"#, None), "not a subscription notification"),
+            (post(br#"{"resourceType":"Patient","id":"../x"}"#, None), "not valid FHIR"),
+            (post(br#"{"id":"x"}"#, None), "not a FHIR resource"),
         ];
         for (r, want) in table {
             let e = r.clone().unwrap_err();
@@ -569,6 +647,6 @@ mod tests {
             r#"{{"resourceType":"Bundle","type":"history","entry":[{}]}}"#,
             vec![r#"{"resource":{"resourceType":"Parameters"}}"#; MAX_ENTRIES + 1].join(",")
         );
-        assert!(post(many.as_bytes(), None, Content::IdOnly).is_err());
+        assert!(post(many.as_bytes(), None).is_err());
     }
 }

@@ -54,7 +54,8 @@ impl Leadership {
         }
         // identities look like `pod@10.1.2.3:8443` when the holder runs a receiver
         match self.holder.lock().unwrap_or_else(|p| p.into_inner()).as_deref().and_then(|h| h.split_once('@')) {
-            Some((_, addr)) if !addr.is_empty() => Route::To(addr.to_string()),
+            // only an address: the lease holder's identity is not a URL to follow anywhere
+            Some((_, addr)) if addr.parse::<SocketAddr>().is_ok() => Route::To(addr.to_string()),
             _ => Route::Unknown,
         }
     }
@@ -165,12 +166,18 @@ async fn dispatch(
     }
     let authorization = h("authorization");
     // a request the relay will not take is answered before its body is read
-    if let Err(a) = st.relay.admit(&ns, &name, authorization.as_deref()) {
-        return outcome(&a);
-    }
+    let sync = match st.relay.admit(&ns, &name, authorization.as_deref()) {
+        Ok(s) => s,
+        Err(a) => return outcome(&a),
+    };
     let body = match st.relay.read(length, body.into_data_stream()).await {
         Ok(b) => b,
-        Err(a) => return outcome(&a),
+        Err(a) => {
+            if a.status == 503 {
+                sync.asked_to_come_back();
+            }
+            return outcome(&a);
+        }
     };
     let rest: Vec<String> = if rest.is_empty() { vec![] } else { rest.split('/').map(str::to_string).collect() };
     let a = st
@@ -293,7 +300,15 @@ async fn serve_tls(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let socket = tokio::select! {
-            a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
+            a = listener.accept() => match a {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // out of file descriptors and the like: do not spin
+                    tracing::warn!(error = %e, "the receiver could not accept a connection");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            },
             _ = stop.cancelled() => return,
         };
         let (acceptor, app) = (acceptor.clone(), app.clone());
