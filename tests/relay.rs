@@ -368,3 +368,18 @@ async fn a_change_the_source_cannot_give_is_not_acknowledged() {
     assert_eq!(h.pathling.ids("Patient"), vec!["ok"], "the other change is applied");
     assert!(h.next_catch_up().await.why.contains("Patient/odd"));
 }
+
+#[tokio::test]
+async fn an_older_version_arriving_late_does_not_overwrite_a_newer_one() {
+    let h = Harness::start(None, PathlingConfig::default()).await;
+    let version = |when: &str, family: &str| {
+        json!({"resourceType": "Patient", "id": "v", "meta": {"lastUpdated": when}, "name": [{"family": family}]})
+    };
+    assert_eq!(h.send("PUT", "Patient/v", &version("2026-11-26T10:00:02Z", "new"), &[]).await.0, 200);
+    // a retried delivery of the version before it
+    assert_eq!(h.send("PUT", "Patient/v", &version("2026-11-26T10:00:01Z", "old"), &[]).await.0, 200);
+    let writes = h.pathling.log().writes;
+    assert_eq!(writes, 1, "the older version is not written");
+    assert_eq!(h.send("PUT", "Patient/v", &version("2026-11-26T10:00:03Z", "newer"), &[]).await.0, 200);
+    assert_eq!(h.pathling.log().writes, 2);
+}

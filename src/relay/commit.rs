@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use jiff::Timestamp;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -34,8 +35,51 @@ const PARALLEL_DELETES: usize = 4;
 /// A change ready to be written.
 #[derive(Debug, Clone)]
 pub enum Write {
-    Upsert { type_: String, id: String, resource: Box<RawValue> },
-    Delete { type_: String, id: String },
+    /// `at`: the resource's `meta.lastUpdated` at the source, when it says.
+    Upsert {
+        type_: String,
+        id: String,
+        resource: Box<RawValue>,
+        at: Option<Timestamp>,
+    },
+    Delete {
+        type_: String,
+        id: String,
+    },
+}
+
+/// Versions written lately, per resource: an older version arriving late (a retried notification,
+/// a slow read) does not overwrite a newer one. Bounded; forgotten in bulk when full.
+#[derive(Default)]
+struct Recent(HashMap<(String, String), Timestamp>);
+
+const RECENT_MAX: usize = 10_000;
+
+impl Recent {
+    fn superseded(&self, w: &Write) -> bool {
+        match w {
+            Write::Upsert { at: Some(at), .. } => self.0.get(&w.key()).is_some_and(|newer| newer > at),
+            _ => false,
+        }
+    }
+    fn written(&mut self, w: &Write) {
+        match w {
+            Write::Upsert { at: Some(at), .. } => {
+                if self.0.len() >= RECENT_MAX {
+                    self.0.clear();
+                }
+                let e = self.0.entry(w.key()).or_insert(*at);
+                *e = (*e).max(*at);
+            }
+            Write::Upsert { at: None, .. } => {}
+            Write::Delete { .. } => drop(self.0.remove(&w.key())),
+        }
+    }
+}
+
+/// Whether `a` is an older version of the resource than `b` (both dated by the source).
+fn older(a: &Write, b: &Write) -> bool {
+    matches!((a, b), (Write::Upsert { at: Some(x), .. }, Write::Upsert { at: Some(y), .. }) if x < y)
 }
 
 impl Write {
@@ -126,6 +170,7 @@ async fn run(pathling: PathlingClient, mut rx: mpsc::UnboundedReceiver<Job>, rep
     // a change that did not fit the last group starts the next
     let mut carry: Option<Job> = None;
     let mut last_write: Option<Instant> = None;
+    let mut recent = Recent::default();
     loop {
         let first = match carry.take() {
             Some(j) => j,
@@ -163,7 +208,7 @@ async fn run(pathling: PathlingClient, mut rx: mpsc::UnboundedReceiver<Job>, rep
             }
         }
         let oldest = jobs.iter().map(|j| j.at).min().unwrap_or_else(Instant::now);
-        let (outcomes, requests) = commit(&pathling, &jobs, &stop).await;
+        let (outcomes, requests) = commit(&pathling, &jobs, &stop, &mut recent).await;
         last_write = Some(Instant::now());
         let mut r = WriteReport { requests, oldest: oldest.elapsed(), ..Default::default() };
         for (job, o) in jobs.into_iter().zip(outcomes) {
@@ -179,25 +224,43 @@ async fn run(pathling: PathlingClient, mut rx: mpsc::UnboundedReceiver<Job>, rep
 }
 
 /// Writes one group; returns each job's outcome and the requests sent.
-async fn commit(pathling: &PathlingClient, jobs: &[Job], stop: &CancellationToken) -> (Vec<Outcome>, usize) {
-    // the latest change per resource wins; every job for it shares its outcome
+async fn commit(
+    pathling: &PathlingClient,
+    jobs: &[Job],
+    stop: &CancellationToken,
+    recent: &mut Recent,
+) -> (Vec<Outcome>, usize) {
+    // the latest change per resource wins (by the source's date, else by arrival); every job for
+    // it shares its outcome
     let mut last: HashMap<(String, String), usize> = HashMap::new();
     for (i, j) in jobs.iter().enumerate() {
-        last.insert(j.write.key(), i);
+        let k = j.write.key();
+        match last.get(&k) {
+            Some(&w) if older(&j.write, &jobs[w].write) => {}
+            _ => drop(last.insert(k, i)),
+        }
     }
-    let mut winners: Vec<usize> = last.values().copied().collect();
+    let mut result: HashMap<usize, Outcome> = HashMap::new();
+    let mut winners: Vec<usize> = vec![];
+    for i in last.values().copied() {
+        if recent.superseded(&jobs[i].write) {
+            // a newer version is in Pathling already: this one is done
+            result.insert(i, Outcome::Applied);
+        } else {
+            winners.push(i);
+        }
+    }
     winners.sort_unstable();
     let upserts: Vec<usize> =
         winners.iter().copied().filter(|i| matches!(jobs[*i].write, Write::Upsert { .. })).collect();
     let deletes: Vec<usize> =
         winners.iter().copied().filter(|i| matches!(jobs[*i].write, Write::Delete { .. })).collect();
-    let mut result: HashMap<usize, Outcome> = HashMap::new();
     let mut requests = 0;
     if !upserts.is_empty() {
         let puts: Vec<Put<'_>> = upserts
             .iter()
             .filter_map(|i| match &jobs[*i].write {
-                Write::Upsert { type_, id, resource } => Some(Put { type_, id, resource }),
+                Write::Upsert { type_, id, resource, .. } => Some(Put { type_, id, resource }),
                 Write::Delete { .. } => None,
             })
             .collect();
@@ -245,6 +308,11 @@ async fn commit(pathling: &PathlingClient, jobs: &[Job], stop: &CancellationToke
         for (i, o, n) in done {
             requests += n;
             result.insert(i, o);
+        }
+    }
+    for i in &winners {
+        if result.get(i) == Some(&Outcome::Applied) {
+            recent.written(&jobs[*i].write);
         }
     }
     let outcomes =

@@ -93,11 +93,13 @@ impl Relay {
         let mut unreadable = None;
         for c in changes {
             match c {
-                Change::Upsert { type_, id, resource, .. } => writes.push(Write::Upsert { type_, id, resource }),
+                Change::Upsert { type_, id, resource, changed_at } => {
+                    writes.push(Write::Upsert { type_, id, resource, at: changed_at })
+                }
                 Change::Delete { type_, id } => writes.push(Write::Delete { type_, id }),
                 Change::Read { type_, id } => match self.read_resource(s, &type_, &id).await {
-                    Ok(Some(resource)) if self.budget.grow(&mut req.body, resource.get().len()) => {
-                        writes.push(Write::Upsert { type_, id, resource })
+                    Ok(Some((resource, at))) if self.budget.grow(&mut req.body, resource.get().len()) => {
+                        writes.push(Write::Upsert { type_, id, resource, at })
                     }
                     Ok(Some(_)) => {
                         return Answer::come_back(
@@ -155,7 +157,7 @@ impl Relay {
         Answer::new(200, "applied")
     }
 
-    async fn read_resource(&self, s: &SyncRelay, type_: &str, id: &str) -> Result<Option<Box<RawValue>>, HttpError> {
+    async fn read_resource(&self, s: &SyncRelay, type_: &str, id: &str) -> Result<Option<Read>, HttpError> {
         let _permit = self.reads.acquire().await;
         read(&s.cfg.source, type_, id).await
     }
@@ -193,14 +195,19 @@ impl Relay {
 
 /// Reads a resource from the source: `Some` when it exists (checked to be that resource), `None`
 /// when the source says it is gone (404, 410).
-async fn read(source: &HttpClient, type_: &str, id: &str) -> Result<Option<Box<RawValue>>, HttpError> {
+/// A resource read from the source, and its `meta.lastUpdated`.
+type Read = (Box<RawValue>, Option<Timestamp>);
+
+async fn read(source: &HttpClient, type_: &str, id: &str) -> Result<Option<Read>, HttpError> {
     let url = source.url_segments(&[type_, id]);
     let resp = source.send(Request::new(Method::GET, url.clone()).header(ACCEPT, "application/fhir+json")).await?;
     match resp.status() {
         StatusCode::OK => {
             let body = read_capped(resp, READ_MAX, "a resource").await?;
             match notify::rest_hook("PUT", type_, id, &body) {
-                Ok(Notification::Change(Change::Upsert { resource, .. })) => Ok(Some(resource)),
+                Ok(Notification::Change(Change::Upsert { resource, changed_at, .. })) => {
+                    Ok(Some((resource, changed_at)))
+                }
                 _ => Err(HttpError::Protocol {
                     url: crate::text::redact(&url),
                     message: format!("the source answered {type_}/{id} with something else"),
