@@ -372,9 +372,7 @@ async fn a_change_the_source_cannot_give_is_not_acknowledged() {
 #[tokio::test]
 async fn an_older_version_arriving_late_does_not_overwrite_a_newer_one() {
     let h = Harness::start(None, PathlingConfig::default()).await;
-    let version = |when: &str, family: &str| {
-        json!({"resourceType": "Patient", "id": "v", "meta": {"lastUpdated": when}, "name": [{"family": family}]})
-    };
+    let version = |when: &str, family: &str| json!({"resourceType": "Patient", "id": "v", "meta": {"lastUpdated": when}, "name": [{"family": family}]});
     assert_eq!(h.send("PUT", "Patient/v", &version("2026-11-26T10:00:02Z", "new"), &[]).await.0, 200);
     // a retried delivery of the version before it
     assert_eq!(h.send("PUT", "Patient/v", &version("2026-11-26T10:00:01Z", "old"), &[]).await.0, 200);

@@ -196,13 +196,16 @@ pub async fn configure_relay(
     let headers = vec![format!("Authorization: Bearer {}", ctx.relay.token(&uid))];
     // a source may send full resources only to an https endpoint (Helios): ask for them there
     let content = if receiver.scheme() == "https" { Content::FullResource } else { Content::IdOnly };
+    // changed Secrets (a rotated token for Pathling or the source) make new clients
     let fingerprint = crate::sync::fingerprint(&format!(
-        "{}|{}|{}|{}|{}",
+        "{}|{}|{}|{}|{}|{}|{}",
         serde_json::to_string(&spec.source).unwrap_or_default(),
         serde_json::to_string(target).unwrap_or_default(),
         serde_json::to_string(&spec.catch_up).unwrap_or_default(),
         content.code(),
-        uid
+        uid,
+        source.credential_digest(),
+        pathling.client.credential_digest(),
     ));
     ctx.relay.configure(SyncConfig {
         namespace: ns.clone(),

@@ -183,6 +183,9 @@ pub struct ClientConfig {
     pub idle_timeout: Duration,
     /// Which addresses may be reached.
     pub policy: AddressPolicy,
+    /// Identifies the credentials in use (a digest of them, never the secrets): a client built
+    /// from changed Secrets differs.
+    pub credential_digest: String,
 }
 
 impl ClientConfig {
@@ -198,6 +201,7 @@ impl ClientConfig {
             response_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(120),
             policy: AddressPolicy::default(),
+            credential_digest: String::new(),
         }
     }
 }
@@ -212,6 +216,7 @@ pub struct HttpClient {
     policy: AddressPolicy,
     /// Whether the server has ever answered (any HTTP response) through this client.
     answered: Arc<AtomicBool>,
+    credential_digest: String,
 }
 
 /// One request to send.
@@ -319,7 +324,13 @@ impl HttpClient {
             response_timeout: cfg.response_timeout,
             policy: cfg.policy,
             answered: Arc::default(),
+            credential_digest: cfg.credential_digest.clone(),
         })
+    }
+
+    /// Identifies the credentials this client was built with (changes when its Secrets do).
+    pub fn credential_digest(&self) -> &str {
+        &self.credential_digest
     }
 
     /// The server's base URL.

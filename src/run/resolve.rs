@@ -89,14 +89,19 @@ pub async fn http_client(
     cfg.idle_timeout = timing.idle;
     cfg.policy = crate::net::AddressPolicy { allow_link_local: server.allow_link_local };
     let mut insecure = false;
+    // every secret read goes into a digest that identifies the credentials (never shown)
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
     if let Some(t) = &server.tls {
         if let Some(ca) = &t.ca_ref {
-            cfg.ca_pem = Some(secrets.get(ns, ca).await.map_err(secret_failure)?);
+            let pem = secrets.get(ns, ca).await.map_err(secret_failure)?;
+            digest.update(&pem);
+            cfg.ca_pem = Some(pem);
         }
         if let (Some(c), Some(k)) = (&t.client_cert_ref, &t.client_key_ref) {
             let mut pem = secrets.get(ns, c).await.map_err(secret_failure)?;
             pem.push(b'\n');
             pem.extend(secrets.get(ns, k).await.map_err(secret_failure)?);
+            digest.update(&pem);
             cfg.client_identity_pem = Some(pem);
         }
         cfg.insecure_skip_verify = t.insecure_skip_verify;
@@ -118,21 +123,21 @@ pub async fn http_client(
         };
         let ac = if let Some(b) = &a.bearer_token {
             key = format!("{}|bearer:{}/{}", server.url, b.token_ref.name, b.token_ref.key);
-            Some(AuthConfig::Bearer { token: secret_string(secrets, ns, &b.token_ref).await? })
+            let token = secret_string(secrets, ns, &b.token_ref).await?;
+            digest.update(token.expose().as_bytes());
+            Some(AuthConfig::Bearer { token })
         } else if let Some(b) = &a.basic {
             key = format!("{}|basic:{}", server.url, b.username);
-            Some(AuthConfig::Basic {
-                username: b.username.clone(),
-                password: secret_string(secrets, ns, &b.password_ref).await?,
-            })
+            let password = secret_string(secrets, ns, &b.password_ref).await?;
+            digest.update(password.expose().as_bytes());
+            Some(AuthConfig::Basic { username: b.username.clone(), password })
         } else if let Some(c) = &a.client_credentials {
             key = format!("{}|client:{}", server.url, c.client_id);
+            let secret = secret_string(secrets, ns, &c.client_secret_ref).await?;
+            digest.update(secret.expose().as_bytes());
             Some(AuthConfig::OAuth(Box::new(OAuthConfig {
                 client_id: c.client_id.clone(),
-                grant: Grant::ClientSecret {
-                    secret: secret_string(secrets, ns, &c.client_secret_ref).await?,
-                    basic: c.client_auth_method == ClientAuthMethod::Basic,
-                },
+                grant: Grant::ClientSecret { secret, basic: c.client_auth_method == ClientAuthMethod::Basic },
                 token_url: token_url(&c.token_url, "clientCredentials")?,
                 fhir_base: base.clone(),
                 scope: c.scope.clone(),
@@ -141,6 +146,7 @@ pub async fn http_client(
         } else if let Some(c) = &a.smart_backend_services {
             key = format!("{}|smart:{}", server.url, c.client_id);
             let raw = secrets.get(ns, &c.private_key_ref).await.map_err(secret_failure)?;
+            digest.update(&raw);
             let signing = keys::parse_private_key(&raw).map_err(|e| {
                 SetupError::from(Failure::new(
                     Reason::AuthFailed,
@@ -170,6 +176,8 @@ pub async fn http_client(
             );
         }
     }
+    use base64::Engine;
+    cfg.credential_digest = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest.finish().as_ref()[..12]);
     let client = HttpClient::new(&cfg).map_err(|e| Failure::new(Reason::InvalidSpec, format!("{what}.tls: {e}")))?;
     Ok(Resolved { client, insecure, key })
 }
@@ -320,4 +328,37 @@ pub async fn setup(
         insecure_tls: src.insecure || tgt.insecure,
         verify: verify.cloned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::validate::server_timing;
+    use crate::secrets::DirSecrets;
+
+    #[tokio::test]
+    async fn a_rotated_secret_makes_a_client_with_another_credential_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("pathling")).unwrap();
+        let server: FhirServer = serde_json::from_value(serde_json::json!({"url": "https://p.example/fhir",
+            "auth": {"bearerToken": {"tokenRef": {"name": "pathling", "key": "token"}}}}))
+        .unwrap();
+        let timing = server_timing(&server, "spec.target").unwrap();
+        let secrets = DirSecrets::new(dir.path());
+        let digest = || async {
+            http_client(&server, &timing, "ns", &secrets, "spec.target")
+                .await
+                .unwrap()
+                .client
+                .credential_digest()
+                .to_string()
+        };
+        std::fs::write(dir.path().join("pathling/token"), "first-token").unwrap();
+        let a = digest().await;
+        assert_eq!(a, digest().await, "the same Secret, the same digest");
+        std::fs::write(dir.path().join("pathling/token"), "rotated-token").unwrap();
+        let b = digest().await;
+        assert_ne!(a, b);
+        assert!(!a.contains("token") && a.len() == 16, "{a}");
+    }
 }

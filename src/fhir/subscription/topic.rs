@@ -17,8 +17,8 @@ const EXT_STATUS: &str = "http://hl7.org/fhir/5.0/StructureDefinition/extension-
 const EXT_TRIGGER: &str = "http://hl7.org/fhir/4.3/StructureDefinition/extension-SubscriptionTopic.resourceTrigger";
 const EXT_FILTER: &str = "http://hl7.org/fhir/4.3/StructureDefinition/extension-SubscriptionTopic.canFilterBy";
 const FHIR_TYPES: &str = "http://hl7.org/fhir/fhir-types";
-/// Largest search answer read.
-const PAGE_MAX: usize = 8 << 20;
+/// Largest search answer read (parsed whole: kept small; a page of 100 topics is ~200 KiB).
+const PAGE_MAX: usize = 1 << 20;
 const INTERACTIONS: [&str; 3] = ["create", "update", "delete"];
 
 /// A topic as fhirsync reads one.
@@ -210,7 +210,13 @@ impl TopicClient {
         if let Some(t) = own.iter().find(|t| t.url == new_url && t.covers(type_, params)) {
             return Ok(t.clone());
         }
-        if let Some(t) = self.search(tag, false).await?.into_iter().find(|t| !t.owned && t.covers(type_, params)) {
+        // (ours too: a source that ignores `_tag` answered the first search with nothing)
+        if let Some(t) = self
+            .search(tag, false)
+            .await?
+            .into_iter()
+            .find(|t| (!t.owned || t.url == new_url) && t.covers(type_, params))
+        {
             return Ok(t);
         }
         let body = topic_resource(self.style, tag, new_url, type_, params);
