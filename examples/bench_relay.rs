@@ -40,6 +40,17 @@ struct Figures {
     failed: usize,
 }
 
+impl Figures {
+    fn print(&self, label: &str) {
+        println!(
+            "{label} {} Pathling writes, {:.1} s until the last change was acknowledged, {} failed",
+            self.writes,
+            self.elapsed.as_secs_f64(),
+            self.failed
+        );
+    }
+}
+
 /// Delivers `n` changes to `url_of(i)` with `c` in flight; every change is acknowledged (retrying
 /// a 503 after its Retry-After, as sources do) before it counts.
 async fn deliver(n: u64, c: u64, url_of: impl Fn(u64) -> String, token: Option<String>) -> (Duration, usize) {
@@ -139,19 +150,9 @@ async fn main() {
     println!("{n} changes, {c} in flight at the source, every Pathling write {} ms, one at a time", write.as_millis());
 
     let d = direct(n, c, write).await;
-    println!(
-        "Direct (baseline): {} Pathling writes, {:.1} s until the last change was acknowledged, {} failed",
-        d.writes,
-        d.elapsed.as_secs_f64(),
-        d.failed
-    );
+    d.print("Direct (baseline):");
     let r = relayed(n, c, write).await;
-    println!(
-        "Relay:             {} Pathling writes, {:.1} s until the last change was acknowledged, {} failed",
-        r.writes,
-        r.elapsed.as_secs_f64(),
-        r.failed
-    );
+    r.print("Relay:            ");
     println!(
         "Relay vs Direct: {:.1}x fewer writes, {:.1}x sooner",
         d.writes as f64 / r.writes.max(1) as f64,
