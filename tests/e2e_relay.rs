@@ -209,3 +209,36 @@ async fn relay_without_a_receiver_says_how_to_configure_one() {
     assert!(msg.contains("--receiver-addr") && msg.contains("--receiver-url"), "{msg}");
     assert!(source.subscriptions().is_empty(), "nothing created that could not deliver");
 }
+
+#[tokio::test]
+async fn medplum_posts_through_the_relay_and_direct_mode_says_to_use_it() {
+    let _g = SERIAL.lock().await;
+    let source = FakeFhirServer::start(ServerConfig { medplum: true, ..Default::default() }).await;
+    let w = World::new("relay-medplum").await;
+    let _op = w.operator();
+    // Direct cannot work with Medplum (it POSTs to the bare endpoint): said, not waited on
+    let direct = json!({"apiVersion": "fhirsync.io/v1alpha1", "kind": "FhirSubscriptionSync",
+        "metadata": {"name": "direct", "namespace": w.ns},
+        "spec": {"source": {"url": source.base}, "criteria": ["Patient?"], "endpoint": w.pathling.base}});
+    w.api.patch("direct", &PatchParams::apply("e2e").force(), &Patch::Apply(&direct)).await.unwrap();
+    let o = wait_for(&w.api, "direct", 30, "SourceUnsupported", |o| {
+        cond(o, "Ready").is_some_and(|c| c.1 == "SourceUnsupported")
+    })
+    .await;
+    assert!(cond(&o, "Ready").unwrap().2.contains("delivery: Relay"));
+
+    w.apply("feed", &source.base, &["Patient?"], json!({})).await;
+    let o = wait_for(&w.api, "feed", 30, "active", |o| all_active(o, 1)).await;
+    assert_eq!(o.status.unwrap().subscriptions[0].kind, "medplum");
+    let http = reqwest::Client::new();
+    http.put(format!("{}/Patient/m1", source.base))
+        .json(&json!({"resourceType": "Patient", "id": "m1"}))
+        .send()
+        .await
+        .unwrap();
+    w.has("Patient", &["m1"]).await;
+    http.delete(format!("{}/Patient/m1", source.base)).send().await.unwrap();
+    w.has("Patient", &[]).await;
+    let posts = source.log().deliveries;
+    assert!(posts.iter().all(|d| d.method == "POST" && d.status == 200), "{posts:?}");
+}

@@ -30,6 +30,9 @@ pub struct ServerConfig {
     pub reject_rest_hook: bool,
     /// Everything answers 503.
     pub down: bool,
+    /// Behaves as Medplum: says so in its CapabilityStatement, POSTs each resource to the bare
+    /// endpoint, and a delete as `{}` with `X-Medplum-Deleted-Resource: Type/id` (always sent).
+    pub medplum: bool,
 }
 
 impl Default for ServerConfig {
@@ -40,6 +43,7 @@ impl Default for ServerConfig {
             activate: true,
             reject_rest_hook: false,
             down: false,
+            medplum: false,
         }
     }
 }
@@ -191,23 +195,35 @@ impl FakeFhirServer {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect()
         };
+        let medplum = self.inner.lock().unwrap().cfg.medplum;
         for (sid, sub) in targets {
             let ch = &sub["channel"];
             let sends_deletes = ch["extension"]
                 .as_array()
                 .is_some_and(|a| a.iter().any(|e| e["url"] == SEND_DELETES && e["valueBoolean"] == true));
-            if resource.is_none() && !sends_deletes {
+            if resource.is_none() && !sends_deletes && !medplum {
                 continue; // R4 sends nothing on delete
             }
             let endpoint = ch["endpoint"].as_str().unwrap_or_default().trim_end_matches('/').to_string();
-            let url = format!("{endpoint}/{t}/{id}");
+            let url = if medplum { endpoint.clone() } else { format!("{endpoint}/{t}/{id}") };
             let headers: Vec<String> = ch["header"]
                 .as_array()
                 .map(|a| a.iter().filter_map(|h| h.as_str().map(String::from)).collect())
                 .unwrap_or_default();
-            let mut req = match resource {
-                Some(r) => self.http.put(&url).header("content-type", "application/fhir+json").body(r.to_string()),
-                None => self.http.delete(&url),
+            let mut req = match (resource, medplum) {
+                (Some(r), false) => {
+                    self.http.put(&url).header("content-type", "application/fhir+json").body(r.to_string())
+                }
+                (None, false) => self.http.delete(&url),
+                (Some(r), true) => {
+                    self.http.post(&url).header("content-type", "application/fhir+json").body(r.to_string())
+                }
+                (None, true) => self
+                    .http
+                    .post(&url)
+                    .header("content-type", "application/fhir+json")
+                    .header("x-medplum-deleted-resource", format!("{t}/{id}"))
+                    .body("{}"),
             };
             for h in &headers {
                 if let Some((k, v)) = h.split_once(':') {
@@ -215,7 +231,12 @@ impl FakeFhirServer {
                 }
             }
             let me = self.clone();
-            let method = if resource.is_some() { "PUT" } else { "DELETE" }.to_string();
+            let method = match (resource.is_some(), medplum) {
+                (_, true) => "POST",
+                (true, false) => "PUT",
+                (false, false) => "DELETE",
+            }
+            .to_string();
             tokio::spawn(async move {
                 let status = match req.send().await {
                     Ok(r) => r.status().as_u16(),
@@ -270,7 +291,8 @@ async fn metadata(State(s): State<FakeFhirServer>) -> Response {
     fhir(
         StatusCode::OK,
         &json!({"resourceType":"CapabilityStatement","status":"active","kind":"instance","fhirVersion":cfg.fhir_version,
-        "format":["json"],"rest":[{"mode":"server","resource":resources}]}),
+        "format":["json"],"rest":[{"mode":"server","resource":resources}],
+        "software": {"name": if cfg.medplum { "Medplum" } else { "HAPI FHIR Server" }}}),
     )
 }
 
