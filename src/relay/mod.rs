@@ -233,8 +233,10 @@ impl Relay {
         self.syncs.read().unwrap_or_else(|p| p.into_inner()).get(&key(namespace, name)).map(|s| s.snapshot())
     }
 
-    /// The syncs whose counters changed since the last call.
+    /// The syncs whose counters changed since the last call (and the bytes-held gauge brought up
+    /// to date: bytes are let go when Pathling accepted them, away from any request).
     pub fn take_dirty(&self) -> Vec<(String, String)> {
+        self.metrics.relay_pending_bytes.set(self.budget.held() as i64);
         self.syncs
             .read()
             .unwrap_or_else(|p| p.into_inner())
