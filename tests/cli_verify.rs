@@ -3,22 +3,13 @@
 
 mod support;
 
-use std::collections::BTreeSet;
-
 use support::cli::{Cli, data, s};
 use support::pathling::PathlingConfig;
 use support::source::SourceConfig;
 
 fn source() -> SourceConfig {
     let mut cfg = data();
-    let mut live = BTreeSet::new();
-    for (t, lines) in &cfg.files {
-        for l in lines {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            live.insert(format!("{t}/{}", v["id"].as_str().unwrap()));
-        }
-    }
-    cfg.rest.live = live;
+    cfg.all_files_live();
     cfg.poll_retry_after = Some("0".into());
     cfg.since_files = Some(vec![]); // nothing changes at the source after the first run
     cfg

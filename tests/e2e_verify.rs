@@ -23,14 +23,7 @@ fn in_sync(s: &BulkExportSync) -> Option<(String, String)> {
 async fn verify_now_finds_drift_repairs_it_and_says_in_sync() {
     let _g = SERIAL.lock().await;
     let mut cfg = data();
-    let mut live = BTreeSet::new();
-    for (t, lines) in &cfg.files {
-        for l in lines {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            live.insert(format!("{t}/{}", v["id"].as_str().unwrap()));
-        }
-    }
-    cfg.rest.live = live;
+    cfg.all_files_live();
     cfg.since_files = Some(vec![]);
     let w = World::new("verify", cfg).await;
     w.pathling.configure(|c| c.export_polls = 1);

@@ -4,9 +4,8 @@
 //! that cannot be checked at all).
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
 
-use super::input::{load_checked, secrets_from};
+use super::input::{SpecArgs, load_checked};
 use crate::api::RunTemplate;
 use crate::run::Options;
 use crate::run::preflight::{Finding, preflight};
@@ -14,12 +13,8 @@ use crate::run::preflight::{Finding, preflight};
 /// Arguments of `check`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// The BulkExportSync YAML file.
-    #[arg(short = 'f', long = "file")]
-    pub file: PathBuf,
-    /// Directory of mounted Secrets: a reference {name, key} is read from DIR/name/key.
-    #[arg(long)]
-    pub secrets_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub spec: SpecArgs,
 }
 
 /// Runs the checks; returns the exit code.
@@ -31,16 +26,16 @@ pub async fn run(args: Args) -> i32 {
         (true, false) => "✓",
         (false, false) => "✗",
     };
-    let (sync, values) = match load_checked(&args.file) {
+    let (sync, values) = match load_checked(&args.spec.file) {
         Ok(x) => x,
         Err(e) => {
             println!("{} spec is valid — {e}", mark(false));
             return 2;
         }
     };
-    println!("{} spec is valid — {}", mark(true), args.file.display());
+    println!("{} spec is valid — {}", mark(true), args.spec.file.display());
     let ns = sync.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-    let secrets = secrets_from(args.secrets_dir.as_deref());
+    let secrets = args.spec.secrets();
     let findings =
         preflight(&RunTemplate::from(&sync.spec), &values.template, &ns, secrets.as_ref(), &Options::default()).await;
     for f in &findings {
@@ -48,7 +43,7 @@ pub async fn run(args: Args) -> i32 {
     }
     let failed = findings.iter().filter(|f| !f.ok).count();
     if failed == 0 {
-        println!("\nall checks passed: `fhirsync sync-once -f {}` is ready to run", args.file.display());
+        println!("\nall checks passed: `fhirsync sync-once -f {}` is ready to run", args.spec.file.display());
         0
     } else {
         println!("\n{failed} check(s) failed");

@@ -23,6 +23,24 @@ pub enum CliError {
     State { path: String, message: String },
 }
 
+/// The spec file and its Secrets, as `check` and `sync-once` take them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SpecArgs {
+    /// The BulkExportSync YAML file.
+    #[arg(short = 'f', long = "file")]
+    pub file: std::path::PathBuf,
+    /// Directory of mounted Secrets: a reference {name, key} is read from DIR/name/key.
+    #[arg(long)]
+    pub secrets_dir: Option<std::path::PathBuf>,
+}
+
+impl SpecArgs {
+    /// The Secrets `--secrets-dir` gives.
+    pub fn secrets(&self) -> Arc<dyn SecretSource> {
+        secrets_from(self.secrets_dir.as_deref())
+    }
+}
+
 /// Secrets from `dir` (`DIR/name/key`), or none (each reference then says to pass `--secrets-dir`).
 pub fn secrets_from(dir: Option<&Path>) -> Arc<dyn SecretSource> {
     match dir {

@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::input::{load_checked, secrets_from};
+use super::input::{SpecArgs, load_checked};
 use super::state::{RunState, State, StatePersist, lock_state, read_state, write_state};
 use crate::api::{BulkExportRunStatus, Phase, RunTemplate};
 use crate::run::{self, Deps, DriveError, KeyedLocks, Options, RunInputs};
@@ -33,12 +33,8 @@ pub enum Output {
 /// Arguments of `sync-once`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// The BulkExportSync YAML file.
-    #[arg(short = 'f', long = "file")]
-    pub file: PathBuf,
-    /// Directory of mounted Secrets: a reference {name, key} is read from DIR/name/key.
-    #[arg(long)]
-    pub secrets_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub spec: SpecArgs,
     /// State file: keeps the watermark and an in-flight run between invocations.
     #[arg(long)]
     pub state: Option<PathBuf>,
@@ -89,7 +85,7 @@ pub async fn run(args: Args) -> i32 {
 }
 
 async fn run_inner(args: &Args) -> Result<i32, CliError> {
-    let (sync, values) = load_checked(&args.file)?;
+    let (sync, values) = load_checked(&args.spec.file)?;
     let ns = sync.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let name = sync.metadata.name.clone().unwrap_or_else(|| "sync".into());
     let _lock = match &args.state {
@@ -130,7 +126,7 @@ async fn run_inner(args: &Args) -> Result<i32, CliError> {
         }
     };
     state.run = Some(run_state.clone());
-    let secrets: Arc<dyn SecretSource> = secrets_from(args.secrets_dir.as_deref());
+    let secrets: Arc<dyn SecretSource> = args.spec.secrets();
     let inputs = RunInputs {
         namespace: ns.clone(),
         name: run_state.name.clone(),

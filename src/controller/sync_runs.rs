@@ -80,7 +80,6 @@ async fn fold(
 ) {
     let gen_ = sync.metadata.generation;
     let rs = run.status.clone().unwrap_or_default();
-    st.active_run = None;
     let retry = if scheduled {
         "the next scheduled run retries"
     } else {

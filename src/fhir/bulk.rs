@@ -12,7 +12,7 @@ use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use url::Url;
 
-use super::client::{Error, HttpClient, Request, body_error, read_capped};
+use super::client::{Error, HttpClient, Request, body_error, peer_url, read_capped};
 use super::ids::{MAX_TYPES, is_type};
 use super::retry::retry_after;
 use crate::text::{peer_text, redact};
@@ -217,7 +217,7 @@ impl BulkClient {
 
     /// Polls the status URL once.
     pub async fn poll(&self, status_url: &str) -> Result<Poll, Error> {
-        let url = parse(status_url)?;
+        let url = peer_url(status_url)?;
         let r = Request::new(Method::GET, url.clone()).header(ACCEPT, "application/json");
         let resp = self.http.send(r).await?;
         let status = resp.status();
@@ -237,7 +237,7 @@ impl BulkClient {
     /// Cancels a running export or releases a finished one (`DELETE` the status URL). A 404 (already
     /// gone) counts as done.
     pub async fn release(&self, status_url: &str) -> Result<(), Error> {
-        let url = parse(status_url)?;
+        let url = peer_url(status_url)?;
         let resp = self.http.send(Request::new(Method::DELETE, url)).await?;
         if resp.status().is_success() || resp.status() == StatusCode::NOT_FOUND || resp.status() == StatusCode::GONE {
             return Ok(());
@@ -252,7 +252,7 @@ impl BulkClient {
         file_url: &str,
         requires_access_token: bool,
     ) -> Result<impl Stream<Item = Result<Bytes, Error>> + Send + 'static + use<>, Error> {
-        let url = parse(file_url)?;
+        let url = peer_url(file_url)?;
         let r = Request::new(Method::GET, url.clone())
             .header(ACCEPT, "application/fhir+ndjson")
             .header(ACCEPT_ENCODING, "gzip")
@@ -307,11 +307,6 @@ fn gunzip(
     let mut dec = GzipDecoder::new(reader);
     dec.multiple_members(true);
     ReaderStream::new(dec).map_err(move |e| Error::Protocol { url: redact(&url), message: format!("gzip: {e}") })
-}
-
-fn parse(u: &str) -> Result<Url, Error> {
-    Url::parse(u)
-        .map_err(|_| Error::Protocol { url: "(invalid)".into(), message: format!("not a URL: {}", peer_text(u, 80)) })
 }
 
 #[cfg(test)]

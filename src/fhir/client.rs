@@ -453,6 +453,14 @@ fn transport(url: &Url, e: reqwest::Error) -> Error {
     }
 }
 
+/// A URL a peer gave (a job, status or file location), parsed; the error quotes it shortened.
+pub fn peer_url(u: &str) -> Result<Url, Error> {
+    Url::parse(u).map_err(|_| Error::Protocol {
+        url: "(invalid)".into(),
+        message: format!("not a URL: {}", crate::text::peer_text(u, 80)),
+    })
+}
+
 /// Joins a relative path onto a base URL, treating the base as a directory.
 pub fn join(base: &Url, path: &str) -> Url {
     let mut u = base.clone();

@@ -2,14 +2,14 @@
 //! (`_type`, `_elements=id`). Kicked off by GET (Pathling's job cache keys on the URL), polled at
 //! `$job` with `Accept: application/json` (the plain Bulk Data manifest), files read from `$result`.
 
-use reqwest::header::{ACCEPT, CONTENT_LOCATION};
+use reqwest::header::ACCEPT;
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
-use super::{PathlingClient, busy_if_503, parse, prefer_async};
+use super::{PathlingClient, busy_if_503, job_location, prefer_async};
 use crate::fhir::bulk::{MANIFEST_MAX, Manifest, OutputFile};
-use crate::fhir::client::{Error, read_capped};
+use crate::fhir::client::{Error, peer_url, read_capped};
 use crate::fhir::retry::retry_after;
 use crate::text::{peer_text, redact};
 
@@ -118,22 +118,14 @@ impl PathlingClient {
         let r = prefer_async(reqwest_get(url.clone()).header(ACCEPT, "application/fhir+json"));
         let resp = self.http.send(r).await?;
         if resp.status() == StatusCode::ACCEPTED {
-            let loc = resp.headers().get(CONTENT_LOCATION).and_then(|v| v.to_str().ok()).ok_or_else(|| {
-                Error::Protocol { url: redact(&url), message: "$export answered 202 without Content-Location".into() }
-            })?;
-            let job = url
-                .join(loc)
-                .ok()
-                .filter(|u| matches!(u.scheme(), "http" | "https"))
-                .ok_or_else(|| Error::Protocol { url: redact(&url), message: "invalid Content-Location".into() })?;
-            return Ok(job.to_string());
+            return job_location(&url, &resp, "$export");
         }
         Err(busy_if_503(Error::from_response(&Method::GET, resp).await))
     }
 
     /// Polls an export job once.
     pub async fn poll_export(&self, job_url: &str) -> Result<ExportPoll, Error> {
-        let url = parse(job_url)?;
+        let url = peer_url(job_url)?;
         let resp = self.http.send(reqwest_get(url.clone()).header(ACCEPT, "application/json")).await?;
         match resp.status() {
             StatusCode::ACCEPTED => {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use url::Url;
 
-use crate::fhir::client::{Error, HttpClient, Request, read_capped};
+use crate::fhir::client::{Error, HttpClient, Request, peer_url, read_capped};
 use crate::fhir::ids::{is_id, is_type};
 use crate::fhir::outcome::OperationOutcome;
 use crate::fhir::retry::retry_after;
@@ -142,22 +142,14 @@ impl PathlingClient {
         );
         let resp = self.http.send(r).await?;
         if resp.status() == StatusCode::ACCEPTED {
-            let loc = resp.headers().get(CONTENT_LOCATION).and_then(|v| v.to_str().ok()).ok_or_else(|| {
-                Error::Protocol { url: redact(&url), message: format!("{op} answered 202 without Content-Location") }
-            })?;
-            let job = url
-                .join(loc)
-                .ok()
-                .filter(|u| matches!(u.scheme(), "http" | "https"))
-                .ok_or_else(|| Error::Protocol { url: redact(&url), message: "invalid Content-Location".into() })?;
-            return Ok(job.to_string());
+            return job_location(&url, &resp, op);
         }
         Err(busy_if_503(Error::from_response(&Method::POST, resp).await))
     }
 
     /// Polls a `$job` URL once.
     pub async fn poll_job(&self, job_url: &str) -> Result<JobPoll, Error> {
-        let url = parse(job_url)?;
+        let url = peer_url(job_url)?;
         let r = Request::new(Method::GET, url.clone()).header(ACCEPT, "application/fhir+json");
         let resp = self.http.send(r).await?;
         match resp.status() {
@@ -180,7 +172,7 @@ impl PathlingClient {
 
     /// Cancels or forgets a job (`DELETE $job?id=`); 404 counts as done.
     pub async fn delete_job(&self, job_url: &str) -> Result<(), Error> {
-        let url = parse(job_url)?;
+        let url = peer_url(job_url)?;
         let resp = self.http.send(Request::new(Method::DELETE, url)).await?;
         if resp.status().is_success() || resp.status() == StatusCode::NOT_FOUND {
             return Ok(());
@@ -308,9 +300,19 @@ pub fn import_result(body: &[u8], content_type: Option<&str>) -> Result<ImportRe
     Ok(r)
 }
 
-fn parse(u: &str) -> Result<Url, Error> {
-    Url::parse(u)
-        .map_err(|_| Error::Protocol { url: "(invalid)".into(), message: format!("not a URL: {}", peer_text(u, 80)) })
+/// The job an asynchronous kick-off (`202`) points at: its `Content-Location`, resolved against
+/// the request's URL, http(s) only.
+fn job_location(url: &Url, resp: &reqwest::Response, op: &str) -> Result<String, Error> {
+    let loc = resp.headers().get(CONTENT_LOCATION).and_then(|v| v.to_str().ok()).ok_or_else(|| Error::Protocol {
+        url: redact(url),
+        message: format!("{op} answered 202 without Content-Location"),
+    })?;
+    let job = url
+        .join(loc)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https"))
+        .ok_or_else(|| Error::Protocol { url: redact(url), message: "invalid Content-Location".into() })?;
+    Ok(job.to_string())
 }
 
 #[cfg(test)]

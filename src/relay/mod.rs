@@ -116,14 +116,11 @@ impl Answer {
     }
 }
 
-/// One request to the receiver, HTTP aside.
+/// One admitted request to the receiver ([`Relay::admit`]), HTTP aside.
 pub struct Incoming<'a> {
-    pub namespace: &'a str,
-    pub name: &'a str,
     /// Path segments after the sync's own path (`[Type, id]` for a classic rest-hook).
     pub rest: &'a [String],
     pub method: &'a str,
-    pub authorization: Option<&'a str>,
     /// Medplum's `X-Medplum-Deleted-Resource`.
     pub medplum_deleted: Option<&'a str>,
     /// The body, counted against the relay's budget ([`Relay::read`], [`Relay::hold`]).
@@ -281,15 +278,11 @@ impl Relay {
         self.budget.hold(body)
     }
 
-    /// One notification, from receipt to the answer the source gets: authenticated, read, checked
-    /// for gaps, resolved (`id-only` resources read from the source), written into Pathling with the
-    /// other changes in flight, and acknowledged only once Pathling accepted.
-    pub async fn handle(&self, mut req: Incoming<'_>) -> Answer {
-        let s = match self.admit(req.namespace, req.name, req.authorization) {
-            Ok(s) => s,
-            Err(a) => return a,
-        };
-        let answer = self.handle_inner(&s, &mut req).await;
+    /// One notification of the sync `s` ([`Relay::admit`]), from receipt to the answer the source
+    /// gets: read, checked for gaps, resolved (`id-only` resources read from the source), written
+    /// into Pathling with the other changes in flight, and acknowledged only once Pathling accepted.
+    pub async fn handle(&self, s: &SyncRelay, mut req: Incoming<'_>) -> Answer {
+        let answer = self.handle_inner(s, &mut req).await;
         drop(req);
         self.metrics.relay_pending_bytes.set(self.budget.held() as i64);
         answer

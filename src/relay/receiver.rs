@@ -182,15 +182,15 @@ async fn dispatch(
     let rest: Vec<String> = if rest.is_empty() { vec![] } else { rest.split('/').map(str::to_string).collect() };
     let a = st
         .relay
-        .handle(Incoming {
-            namespace: &ns,
-            name: &name,
-            rest: &rest,
-            method: method.as_str(),
-            authorization: authorization.as_deref(),
-            medplum_deleted: h("x-medplum-deleted-resource").as_deref(),
-            body,
-        })
+        .handle(
+            &sync,
+            Incoming {
+                rest: &rest,
+                method: method.as_str(),
+                medplum_deleted: h("x-medplum-deleted-resource").as_deref(),
+                body,
+            },
+        )
         .await;
     if a.status >= 400 {
         tracing::debug!(fss = %format!("{ns}/{name}"), status = a.status, message = %a.message, "notification not applied");

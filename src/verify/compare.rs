@@ -4,9 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use super::ids::{bare, split};
+use super::lines::LineWriter;
 use super::sort::Merge;
 use crate::api::drift::{Drift, EXAMPLES, TypeDrift};
 use crate::staging::{Staging, StagingError};
@@ -18,8 +19,7 @@ pub const EXTRAS: &str = "extra.ids";
 /// missing or extra) and writes the extras to [`EXTRAS`].
 pub async fn compare(source: &mut Merge, pathling: &mut Merge, staging: &dyn Staging) -> Result<Drift, StagingError> {
     let mut types: BTreeMap<String, TypeDrift> = BTreeMap::new();
-    let mut w = staging.create(EXTRAS).await?;
-    let mut buf = BytesMut::new();
+    let mut w = LineWriter::create(staging, EXTRAS).await?;
     let mut a = source.next().await?;
     let mut b = pathling.next().await?;
     fn entry<'a>(types: &'a mut BTreeMap<String, TypeDrift>, t: &[u8]) -> &'a mut TypeDrift {
@@ -67,16 +67,11 @@ pub async fn compare(source: &mut Merge, pathling: &mut Merge, staging: &dyn Sta
                 e.pathling += 1;
                 e.extra += 1;
                 example(&mut e.extra_examples, id);
-                buf.extend_from_slice(bare(&k));
-                buf.extend_from_slice(b"\n");
-                if buf.len() >= 256 * 1024 {
-                    w.write(buf.split().freeze()).await?;
-                }
+                w.line(bare(&k)).await?;
                 b = pathling.next().await?;
             }
         }
     }
-    w.write(buf.freeze()).await?;
     w.finish().await?;
     let types: Vec<TypeDrift> = types.into_values().collect();
     let in_sync = types.iter().all(|t| t.missing == 0 && t.extra == 0);

@@ -5,4 +5,5 @@
 
 pub mod compare;
 pub mod ids;
+pub mod lines;
 pub mod sort;

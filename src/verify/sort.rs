@@ -7,10 +7,11 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::stream::BoxStream;
 
 use super::ids::bare;
+use super::lines::LineWriter;
 use crate::fhir::ndjson::{Line, Lines};
 use crate::staging::{Staging, StagingError};
 
@@ -20,8 +21,6 @@ pub const BUDGET: usize = 8 << 20;
 pub const FAN_IN: usize = 16;
 /// Longest key (a type of 64 and an id of 64, a separator and the pending mark).
 pub const KEY_MAX: usize = 160;
-/// Bytes written to a run file at a time.
-const WRITE_CHUNK: usize = 256 * 1024;
 
 /// Gathers keys and spills sorted runs.
 pub struct Sorter {
@@ -77,8 +76,7 @@ impl Sorter {
         let arena = &self.arena;
         let slice = |k: &(u32, u32)| &arena[k.0 as usize..(k.0 + k.1) as usize];
         self.keys.sort_unstable_by(|a, b| slice(a).cmp(slice(b)));
-        let mut w = self.staging.create(&name).await?;
-        let mut buf = BytesMut::with_capacity(WRITE_CHUNK);
+        let mut w = LineWriter::create(self.staging.as_ref(), &name).await?;
         let mut last: Option<&[u8]> = None;
         for k in &self.keys {
             let key = slice(k);
@@ -86,16 +84,9 @@ impl Sorter {
                 continue;
             }
             last = Some(key);
-            buf.extend_from_slice(key);
-            buf.extend_from_slice(b"\n");
-            if buf.len() >= WRITE_CHUNK {
-                self.spilled += buf.len() as u64;
-                w.write(buf.split().freeze()).await?;
-            }
+            w.line(key).await?;
         }
-        self.spilled += buf.len() as u64;
-        w.write(buf.freeze()).await?;
-        w.finish().await?;
+        self.spilled += w.finish().await?;
         self.runs.push(name);
         self.keys.clear();
         self.arena.clear();
@@ -113,19 +104,11 @@ impl Sorter {
             let group: Vec<String> = self.runs.drain(..FAN_IN).collect();
             let name = self.run_name();
             let mut merge = Merge::open(self.staging.as_ref(), &group).await?;
-            let mut w = self.staging.create(&name).await?;
-            let mut buf = BytesMut::with_capacity(WRITE_CHUNK);
+            let mut w = LineWriter::create(self.staging.as_ref(), &name).await?;
             while let Some(k) = merge.next().await? {
-                buf.extend_from_slice(&k);
-                buf.extend_from_slice(b"\n");
-                if buf.len() >= WRITE_CHUNK {
-                    self.spilled += buf.len() as u64;
-                    w.write(buf.split().freeze()).await?;
-                }
+                w.line(&k).await?;
             }
-            self.spilled += buf.len() as u64;
-            w.write(buf.freeze()).await?;
-            w.finish().await?;
+            self.spilled += w.finish().await?;
             drop(merge);
             for g in &group {
                 self.staging.remove(g).await?;

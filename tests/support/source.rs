@@ -109,6 +109,19 @@ pub struct SourceConfig {
     pub since_files: Option<Vec<(String, Vec<String>)>>,
 }
 
+impl SourceConfig {
+    /// Every resource its export files hold is live at the source (`Type/id`), for `_id` searches
+    /// and reads: nothing was deleted since.
+    pub fn all_files_live(&mut self) {
+        for (t, lines) in &self.files {
+            for l in lines {
+                let v: serde_json::Value = serde_json::from_str(l).expect("test data is JSON");
+                self.rest.live.insert(format!("{t}/{}", v["id"].as_str().expect("an id")));
+            }
+        }
+    }
+}
+
 impl Default for SourceConfig {
     fn default() -> Self {
         Self {
