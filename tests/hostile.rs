@@ -278,3 +278,84 @@ async fn a_kickoff_lost_in_a_crash_is_recorded_and_the_run_goes_on() {
     assert_eq!(st.lost_kickoffs, 1);
     assert_eq!(env.source.log().accepted, 2, "the lost export and the new one");
 }
+
+// The second campaign of hostile peers.
+
+#[tokio::test]
+async fn a_status_url_answering_200_with_an_error_outcome_fails_the_run_and_holds_the_watermark() {
+    let outcome = r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"exception","diagnostics":"export job 7 failed: disk full"}]}"#;
+    let env = Env::new(SourceConfig { raw_manifest: Some(outcome.into()), ..data() }).await;
+    let st = run_once(&env).await;
+    assert_eq!(st.phase, Phase::Failed, "{}", message(&st));
+    assert_eq!(st.reason.as_deref(), Some("ExportFailed"));
+    assert!(message(&st).contains("disk full"), "the source's own words: {}", message(&st));
+    assert!(env.pathling.log().imports.is_empty(), "nothing imported");
+    assert_eq!(
+        fhirsync::sync::watermark_after(&st, None, Duration::from_secs(300)),
+        fhirsync::sync::WatermarkMove::Stays,
+        "the window's changes are fetched again by the next run"
+    );
+    // a body that is no manifest at all is not "no files" either
+    let env =
+        Env::new(SourceConfig { raw_manifest: Some(r#"{"transactionTime":"2026-11-26T00:00:00Z"}"#.into()), ..data() })
+            .await;
+    let st = run_once(&env).await;
+    assert_eq!(st.phase, Phase::Failed, "{}", message(&st));
+    assert!(message(&st).contains("no `output` array"), "{}", message(&st));
+}
+
+#[tokio::test]
+async fn a_file_that_is_busy_six_times_is_waited_out_not_failed() {
+    let env = Env::new(SourceConfig { file_busy: Some((6, "2".into())), ..data() }).await;
+    let st = run_once(&env).await;
+    assert_eq!(st.phase, Phase::Succeeded, "{}", message(&st));
+    assert_eq!(st.resource_count, Some(141));
+    let downloads = env.source.log().downloads.iter().filter(|(n, _)| n == "out-0.ndjson").count();
+    assert_eq!(downloads, 7, "six 429s waited out, then the file");
+}
+
+#[tokio::test]
+async fn a_broken_gzip_download_is_retried_like_a_plain_one() {
+    let env = Env::new(SourceConfig { gzip: true, cut_first_download: true, ..data() }).await;
+    let st = run_once(&env).await;
+    assert_eq!(st.phase, Phase::Succeeded, "{}", message(&st));
+    assert_eq!(st.resource_count, Some(141));
+    let log = env.source.log();
+    let first = log.downloads.iter().filter(|(n, _)| n == "out-0.ndjson").count();
+    assert_eq!(first, 2, "the broken download was tried again");
+}
+
+#[tokio::test]
+async fn a_run_stops_acting_the_moment_its_process_loses_the_lease() {
+    // an export that never finishes, polled by a leader whose lease lapses mid-export (it was
+    // paused): it must neither poll again, nor release the export, nor fail the run, nor clean up
+    let env = Env::new(SourceConfig { polls_before_done: 1_000_000, ..data() }).await;
+    let fence = fhirsync::fence::Fence::lease();
+    fence.renewed(Instant::now(), Duration::from_millis(600));
+    let deps = run::Deps { fence: fence.clone(), ..env.deps() };
+    let mut st = BulkExportRunStatus::default();
+    let mut saved = Saved::default();
+    let (tx, _rx) = watch::channel(st.clone());
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        run::drive(&env.inputs("r1", None), &deps, &mut st, &mut saved, &tx, &CancellationToken::new()),
+    )
+    .await
+    .expect("drive returns once the fence lapses");
+    assert!(matches!(r, Err(run::DriveError::Fenced)), "{r:?}");
+    assert!(!st.phase.is_finished(), "the run is not failed by a process that may not act: {:?}", st.phase);
+    let polls = env.source.log().polls;
+    assert!(polls >= 1, "it was exporting");
+    tokio::time::sleep(Duration::from_millis(300)).await; // nothing to await: proving silence
+    let log = env.source.log();
+    // (a poll sent just before the fence lapsed may reach the source just after drive returned)
+    assert!(log.polls <= polls + 1, "no poll after the fence lapsed: {} then {}", polls, log.polls);
+    assert!(log.status_deletes.is_empty(), "the export was not released: the new leader resumes it");
+    // a fence that never held: the run does not even start
+    let mut st = BulkExportRunStatus::default();
+    let deps = run::Deps { fence: fhirsync::fence::Fence::lease(), ..env.deps() };
+    let r = run::drive(&env.inputs("r2", None), &deps, &mut st, &mut Saved::default(), &tx, &CancellationToken::new())
+        .await;
+    assert!(matches!(r, Err(run::DriveError::Fenced)), "{r:?}");
+    assert_eq!(env.source.log().kickoffs.len(), 1, "no kick-off from a standby");
+}

@@ -123,8 +123,31 @@ fn default_true() -> bool {
 }
 
 impl Manifest {
-    /// Parses and validates a manifest body.
+    /// Parses and validates a manifest body. A body is a manifest only if it is one: an object with
+    /// an `output` array and no `resourceType` — some servers report a failed job as `200` with an
+    /// OperationOutcome, and taking that for "no files" would move the watermark past the window.
     pub fn parse(body: &[u8]) -> Result<Self, String> {
+        let shape: Shape =
+            serde_json::from_slice(body).map_err(|e| format!("the export manifest is not valid JSON: {e}"))?;
+        if let Some(rt) = shape.resource_type {
+            if rt == "OperationOutcome" {
+                let oo: crate::fhir::outcome::OperationOutcome = serde_json::from_slice(body).unwrap_or_default();
+                return Err(format!(
+                    "the source answered the status poll with 200 and an OperationOutcome instead of a manifest: \
+                     the export failed on the source ({})",
+                    oo.summary()
+                ));
+            }
+            return Err(format!(
+                "the source answered the status poll with 200 and a {} resource instead of an export manifest",
+                peer_text(&rt, 64)
+            ));
+        }
+        if !shape.has_output {
+            return Err("the source answered the status poll with 200 but the body has no `output` array: \
+                        it is not an export manifest"
+                .into());
+        }
         let m: Manifest =
             serde_json::from_slice(body).map_err(|e| format!("the export manifest is not valid JSON: {e}"))?;
         let files = m.output.len() + m.deleted.len() + m.error.len();
@@ -160,6 +183,35 @@ impl Manifest {
         }
         Ok(m)
     }
+}
+
+/// What is read of a status body before it is taken as a manifest.
+#[derive(Deserialize)]
+struct Shape {
+    #[serde(rename = "resourceType", default)]
+    resource_type: Option<String>,
+    #[serde(rename = "output", default, deserialize_with = "present")]
+    has_output: bool,
+}
+
+/// True when the field is present as an array (its content is read later, typed).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    use serde::de::IgnoredAny;
+    struct IsArray;
+    impl<'de> serde::de::Visitor<'de> for IsArray {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(true)
+        }
+        fn visit_unit<E>(self) -> Result<bool, E> {
+            Ok(false)
+        }
+    }
+    d.deserialize_any(IsArray)
 }
 
 /// Result of one status poll.
@@ -306,22 +358,80 @@ fn gunzip(
     let reader = StreamReader::new(raw.map_err(std::io::Error::other));
     let mut dec = GzipDecoder::new(reader);
     dec.multiple_members(true);
-    ReaderStream::new(dec).map_err(move |e| Error::Protocol { url: redact(&url), message: format!("gzip: {e}") })
+    ReaderStream::new(dec).map_err(move |e| gzip_error(&url, e))
+}
+
+/// What a failed gzip stream means: a broken connection stays the transport error it was (so it is
+/// retried exactly like a broken plain download), a stream that ends early is a broken connection,
+/// and only bytes that are not gzip are a protocol error.
+fn gzip_error(url: &Url, e: std::io::Error) -> Error {
+    let kind = e.kind();
+    let text = e.to_string();
+    if let Some(inner) = e.into_inner()
+        && let Ok(original) = inner.downcast::<Error>()
+    {
+        return *original;
+    }
+    if kind == std::io::ErrorKind::UnexpectedEof {
+        return Error::Transport {
+            url: redact(url),
+            message: "the gzip stream ended before its end: the connection broke".into(),
+            connect: false,
+        };
+    }
+    Error::Protocol { url: redact(url), message: format!("gzip: {}", peer_text(&text, 200)) }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_broken_gzip_download_is_a_broken_connection() {
+        let url = Url::parse("http://s/f.ndjson").unwrap();
+        let broken = Error::Transport { url: "http://s/f.ndjson".into(), message: "reset".into(), connect: false };
+        type Case = (&'static str, Vec<Result<Bytes, Error>>, &'static str);
+        let table: Vec<Case> = vec![
+            ("the connection broke mid-stream", vec![Ok(gz(b"{}\n")[..12].to_vec().into()), Err(broken)], "transport"),
+            ("the stream ended early", vec![Ok(gz(b"{\"a\":1}\n")[..15].to_vec().into())], "transport"),
+            ("not gzip at all", vec![Ok(Bytes::from_static(b"plain text, not gzip"))], "protocol"),
+        ];
+        for (what, chunks, want) in table {
+            let out: Result<Vec<Bytes>, Error> = gunzip(futures::stream::iter(chunks), url.clone()).try_collect().await;
+            let got = match out {
+                Err(Error::Transport { .. }) => "transport",
+                Err(Error::Protocol { .. }) => "protocol",
+                other => panic!("{what}: {other:?}"),
+            };
+            assert_eq!(got, want, "{what}");
+        }
+    }
+
+    fn gz(b: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(b).unwrap();
+        e.finish().unwrap()
+    }
+
     #[test]
     fn manifests_are_validated_at_the_edge() {
         let ok = br#"{"transactionTime":"2026-11-26T03:00:00Z","output":[{"type":"Patient","url":"https://s/f/1.ndjson","count":2}]}"#;
         assert_eq!(Manifest::parse(ok).unwrap().output.len(), 1);
+        let empty = br#"{"transactionTime":"2026-11-26T03:00:00Z","request":"x","output":[]}"#;
+        assert!(Manifest::parse(empty).unwrap().output.is_empty(), "an export with no changes is a manifest");
         let table: &[(&[u8], &str)] = &[
             (br#"{"output":[{"type":"../x","url":"https://s/f"}]}"#, "not a FHIR resource type"),
             (br#"{"output":[{"type":"Patient","url":"file:///etc/passwd"}]}"#, "not http(s)"),
-            (br#"{"error":[{"type":"OperationOutcome","url":"ftp://x/y"}]}"#, "not http(s)"),
+            (br#"{"output":[],"error":[{"type":"OperationOutcome","url":"ftp://x/y"}]}"#, "not http(s)"),
             (b"<html>", "not valid JSON"),
+            (
+                br#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"exception","diagnostics":"job failed"}]}"#,
+                "the export failed on the source (exception: job failed)",
+            ),
+            (br#"{"resourceType":"Parameters","parameter":[]}"#, "a Parameters resource instead"),
+            (br#"{"transactionTime":"2026-11-26T03:00:00Z"}"#, "no `output` array"),
+            (br#"{"transactionTime":"2026-11-26T03:00:00Z","output":null}"#, "no `output` array"),
         ];
         for (body, want) in table {
             let e = Manifest::parse(body).unwrap_err();

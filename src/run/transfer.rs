@@ -376,7 +376,10 @@ impl Engine {
         total: i64,
         progress: &watch::Sender<BulkExportRunStatus>,
     ) -> Result<(), Failure> {
+        // failures that may pass count toward FILE_ATTEMPTS; a busy source (429) is waited out as
+        // the policy says — its waits grow, and the run's deadline bounds them
         let mut attempt = 0;
+        let mut busy = policy::Streaks::default();
         loop {
             attempt += 1;
             match stage_file(&self.setup.source, staging, &job, requires, caps).await {
@@ -397,6 +400,19 @@ impl Engine {
                         s.progress = Some(format!("{}/{total} files", t.0));
                     });
                     return Ok(());
+                }
+                Err(FileError::Http(e)) if policy::classify(&e) == Class::Busy => {
+                    attempt -= 1;
+                    let a = Attempt {
+                        what: "downloading a file",
+                        peer: Peer::Source,
+                        reason: Reason::TransferFailed,
+                        first_contact: false,
+                    };
+                    if let policy::Decision::Retry { wait, message } = policy::decide(a, &e, &mut busy) {
+                        tracing::info!(run = %self.id, file = %job.name.file_name(), "{message}");
+                        tokio::time::sleep(self.scaled(wait)).await;
+                    }
                 }
                 Err(e) if e.retryable() && attempt < FILE_ATTEMPTS => {
                     tracing::warn!(run = %self.id, file = %job.name.file_name(), attempt, error = %e, "file transfer failed; retrying");

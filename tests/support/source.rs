@@ -75,6 +75,8 @@ pub struct SourceConfig {
     pub cut_first_download: bool,
     /// Serve files gzip-encoded.
     pub gzip: bool,
+    /// The first N downloads of each output file answer 429 with this Retry-After.
+    pub file_busy: Option<(u32, String)>,
     /// `requiresAccessToken` in the manifest.
     pub requires_token: bool,
     /// When set, every request needs `Authorization: Bearer <token>`.
@@ -138,6 +140,7 @@ impl Default for SourceConfig {
             wrong_count: None,
             cut_first_download: false,
             gzip: false,
+            file_busy: None,
             requires_token: true,
             bearer: None,
             file_base: None,
@@ -588,7 +591,7 @@ async fn cancel(State(s): State<FakeSource>, Path(id): Path<String>, headers: He
 
 async fn file(State(s): State<FakeSource>, Path(name): Path<String>, headers: HeaderMap) -> Response {
     let had_auth = headers.contains_key(header::AUTHORIZATION);
-    let (lines, cut, gzip, need_auth, special) = {
+    let (lines, cut, gzip, need_auth, special, busy) = {
         let mut i = s.inner.lock().unwrap();
         i.log.downloads.push((name.clone(), had_auth));
         i.log.auth_headers.push((name.clone(), had_auth));
@@ -621,8 +624,16 @@ async fn file(State(s): State<FakeSource>, Path(name): Path<String>, headers: He
             ("out", _) => i.cfg.trickle_files.map(Special::Trickle),
             _ => None,
         };
-        (lines, i.cfg.cut_first_download && first && kind == "out", i.cfg.gzip, need_auth, special)
+        let busy = i.cfg.file_busy.clone().filter(|(n, _)| kind == "out" && i.downloads_per_file[&name] <= *n);
+        (lines, i.cfg.cut_first_download && first && kind == "out", i.cfg.gzip, need_auth, special, busy)
     };
+    if let Some((_, retry_after)) = busy {
+        return Response::builder()
+            .status(429)
+            .header(header::RETRY_AFTER, retry_after)
+            .body(Body::from("too many requests"))
+            .unwrap();
+    }
     s.touch();
     if need_auth && let Some(r) = unauthorized(&s, &headers) {
         return r;
@@ -665,18 +676,21 @@ async fn file(State(s): State<FakeSource>, Path(name): Path<String>, headers: He
         return trickle(body, every, "application/fhir+ndjson");
     }
     if cut {
-        // send half of the promised bytes, then break the connection
+        // send half of the promised bytes, then break the connection (gzip-encoded when files are)
+        let body = if gzip { gzip_bytes(&body) } else { body };
         let half = Bytes::copy_from_slice(&body[..body.len() / 2]);
         let stream = futures::stream::iter(vec![
             Ok::<Bytes, std::io::Error>(half),
             Err(std::io::Error::other("connection reset")),
         ]);
-        return Response::builder()
+        let mut r = Response::builder()
             .status(200)
             .header(header::CONTENT_TYPE, "application/fhir+ndjson")
-            .header(header::CONTENT_LENGTH, body.len())
-            .body(Body::from_stream(stream))
-            .unwrap();
+            .header(header::CONTENT_LENGTH, body.len());
+        if gzip {
+            r = r.header(header::CONTENT_ENCODING, "gzip");
+        }
+        return r.body(Body::from_stream(stream)).unwrap();
     }
     if gzip {
         use std::io::Write;
@@ -695,6 +709,13 @@ async fn file(State(s): State<FakeSource>, Path(name): Path<String>, headers: He
         .header(header::CONTENT_TYPE, "application/fhir+ndjson")
         .body(Body::from(body))
         .unwrap()
+}
+
+fn gzip_bytes(body: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(body).unwrap();
+    e.finish().unwrap()
 }
 
 enum Special {
