@@ -25,6 +25,9 @@ pub const ANNOTATION_RUN_NOW: &str = "fhirsync.io/run-now";
 pub const ANNOTATION_VERIFY_NOW: &str = "fhirsync.io/verify-now";
 /// Annotation: any new value makes the next run a full export.
 pub const ANNOTATION_RESET_WATERMARK: &str = "fhirsync.io/reset-watermark";
+/// On a BulkExportRun: the watermark basis ([`crate::sync::watermark_basis`]) it was created under; its
+/// watermark applies only while the sync's basis is the same.
+pub const ANNOTATION_WATERMARK_BASIS: &str = "fhirsync.io/watermark-basis";
 /// Label on each BulkExportRun naming its BulkExportSync.
 pub const LABEL_SYNC: &str = "fhirsync.io/sync";
 /// Finalizer on BulkExportRuns (cancel the export and clean staging on delete).

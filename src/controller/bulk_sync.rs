@@ -281,7 +281,7 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
                 template: Some(RunTemplate::from(&sync.spec)),
                 verify: None,
             };
-            let created_before = super::sync_runs::create_run(&runs_api, &sync, &due.name, spec).await?;
+            let created_before = super::sync_runs::create_run(&runs_api, &sync, &st, &due.name, spec).await?;
             tracing::info!(
                 sync = %format!("{ns}/{name}"),
                 run = %due.name,
@@ -315,7 +315,7 @@ async fn reconcile(sync: Arc<BulkExportSync>, ctx: Arc<Context>) -> Result<Actio
     {
         let (run_name, spec) = super::drift::run_spec(&ctx, &sync, &st, &due);
         let trigger = spec.trigger;
-        let created_before = super::sync_runs::create_run(&runs_api, &sync, &run_name, spec).await?;
+        let created_before = super::sync_runs::create_run(&runs_api, &sync, &st, &run_name, spec).await?;
         tracing::info!(sync = %format!("{ns}/{name}"), run = %run_name, trigger = ?trigger, "run created");
         if !created_before {
             st.active_run = Some(run_name.clone());
@@ -394,7 +394,7 @@ async fn finish(
             ctx.sync_writes.record(&sync.uid().unwrap_or_default(), rv, after, st.clone());
             Ok(action)
         }
-        Applied::Gone => Ok(Action::await_change()),
+        Applied::Gone | Applied::NotHeld => Ok(Action::await_change()),
         Applied::Conflict => {
             ctx.metrics.status_conflicts.inc();
             // decided on a stale copy: decide again shortly, on fresher data

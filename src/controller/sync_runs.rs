@@ -12,8 +12,8 @@ use kube::{Api, Resource, ResourceExt};
 use super::{Context, Error};
 use crate::api::conditions::{set_condition, types};
 use crate::api::{
-    BulkExportRun, BulkExportRunSpec, BulkExportSync, BulkExportSyncStatus, FIELD_MANAGER, LABEL_SYNC, Phase,
-    RunSummary,
+    ANNOTATION_WATERMARK_BASIS, BulkExportRun, BulkExportRunSpec, BulkExportSync, BulkExportSyncStatus, FIELD_MANAGER,
+    LABEL_SYNC, Phase, RunSummary,
 };
 use crate::sync::{self, WatermarkMove};
 
@@ -21,18 +21,22 @@ fn run_is_finished(r: &BulkExportRun) -> bool {
     r.status.as_ref().is_some_and(|s| s.phase.is_finished())
 }
 
-/// Creates a run (idempotent: its name is deterministic). Returns whether a run of that name had
+/// Creates a run (idempotent: its name is deterministic), annotated with the watermark basis of the
+/// status being decided (`st`), so that its watermark applies only while that basis holds. Returns whether a run of that name had
 /// been created and finished before (then it is not adopted as the active run).
 pub(super) async fn create_run(
     runs_api: &Api<BulkExportRun>,
     sync: &BulkExportSync,
+    st: &BulkExportSyncStatus,
     name: &str,
     spec: BulkExportRunSpec,
 ) -> Result<bool, Error> {
+    let basis = sync::watermark_basis(&sync::watermark_scope(&sync.spec), st.handled_reset_watermark.as_deref());
     let run = BulkExportRun {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
             namespace: sync.namespace(),
+            annotations: Some([(ANNOTATION_WATERMARK_BASIS.to_string(), basis)].into()),
             labels: Some([(LABEL_SYNC.to_string(), sync::label_value(&sync.name_any()))].into()),
             owner_references: sync.controller_owner_ref(&()).map(|o| vec![o]),
             // set at creation: the run controller need not patch it in
@@ -85,8 +89,19 @@ async fn fold(
     } else {
         "fix the cause, then annotate the sync with fhirsync.io/run-now=<new value> to retry"
     };
+    let scope = sync::watermark_scope(&sync.spec);
+    let applies = sync::run_applies(
+        run.annotations().get(ANNOTATION_WATERMARK_BASIS).map(String::as_str),
+        run.spec.template.as_ref().map(sync::template_scope).as_deref(),
+        &scope,
+        &sync::watermark_basis(&scope, st.handled_reset_watermark.as_deref()),
+    );
     if rs.phase == Phase::Succeeded {
+        if !applies {
+            tracing::info!(sync = %sync.name_any(), run = %run.name_any(), "the run covered an earlier spec or preceded a watermark reset: the watermark stays reset");
+        }
         let moved = sync.spec.incremental
+            && applies
             && match sync::watermark_after(&rs, st.watermark.as_ref().map(|t| t.0), overlap) {
                 WatermarkMove::To(w) => {
                     st.watermark = Some(Time(w));
@@ -112,6 +127,10 @@ async fn fold(
         set_condition(&mut st.conditions, types::READY, true, "Succeeded", msg, gen_);
         let held = match (&st.watermark, moved) {
             (_, true) => String::new(),
+            (_, false) if !applies => {
+                " It ran for an earlier spec (or before a watermark reset): the next run fetches from the reset watermark."
+                    .into()
+            }
             (Some(w), false) => format!(" The watermark stays at {} so the next run fetches again what failed.", w.0),
             (None, false) => " The next run is a full export again, to fetch what failed.".into(),
         };

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
-use crate::api::{BulkExportRunStatus, BulkExportSyncSpec, Phase, Trigger};
+use crate::api::{BulkExportRunStatus, BulkExportSyncSpec, ExportSpec, Phase, RunTemplate, Trigger};
 use crate::schedule::Schedule;
 
 pub mod verify;
@@ -23,14 +23,41 @@ pub fn fingerprint(s: &str) -> String {
 
 /// The query a watermark belongs to: source URL, export (without its initial `since`) and target URL.
 pub fn watermark_scope(spec: &BulkExportSyncSpec) -> String {
-    let mut e = spec.export.clone();
+    query_scope(&spec.source.url, &spec.export, &spec.target.url)
+}
+
+/// The query a run's template covers, in the same terms as [`watermark_scope`].
+pub fn template_scope(t: &RunTemplate) -> String {
+    query_scope(&t.source.url, &t.export, &t.target.url)
+}
+
+fn query_scope(source: &str, export: &ExportSpec, target: &str) -> String {
+    let mut e = export.clone();
     e.since = None;
     fingerprint(&format!(
         "{}|{}|{}",
-        spec.source.url.trim_end_matches('/'),
+        source.trim_end_matches('/'),
         serde_json::to_string(&e).unwrap_or_default(),
-        spec.target.url.trim_end_matches('/')
+        target.trim_end_matches('/')
     ))
+}
+
+/// What a watermark is measured against: the query and the last `reset-watermark` value handled. A
+/// run carries the basis it was created under (annotation [`crate::api::ANNOTATION_WATERMARK_BASIS`]).
+pub fn watermark_basis(scope: &str, handled_reset: Option<&str>) -> String {
+    fingerprint(&format!("{scope}|{}", handled_reset.unwrap_or("")))
+}
+
+/// Whether a finished run's watermark may apply to the sync now. A run of an older spec (its
+/// template covered another query) or one started before a `reset-watermark` must not move the
+/// watermark the change reset: its export did not cover what the new query asks for. A run without
+/// a recorded basis (made by hand, or by an older fhirsync) is judged by its template's query.
+pub fn run_applies(run_basis: Option<&str>, run_scope: Option<&str>, scope: &str, basis: &str) -> bool {
+    match (run_basis, run_scope) {
+        (Some(b), _) => b == basis,
+        (None, Some(s)) => s == scope,
+        (None, None) => false,
+    }
 }
 
 /// The value of the `fhirsync.io/sync` label on a sync's runs: its name when that is a valid label
@@ -267,6 +294,26 @@ mod tests {
         ];
         for (what, r, current, want) in table {
             assert_eq!(watermark_after(&r, current.map(ts), five), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_run_of_an_older_query_does_not_set_the_watermark() {
+        let scope = "q2";
+        let reset = watermark_basis(scope, Some("r1"));
+        let basis = watermark_basis(scope, None);
+        let old_basis = watermark_basis("q1", None);
+        type Case<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a str, bool);
+        let table: Vec<Case> = vec![
+            ("created under this spec", Some(&basis), Some(scope), &basis, true),
+            ("the spec changed while it ran (export.types gained a type)", Some(&old_basis), Some("q1"), &basis, false),
+            ("reset-watermark handled while it ran", Some(&basis), Some(scope), &reset, false),
+            ("made by hand, template of this query", None, Some(scope), &basis, true),
+            ("made by hand, template of another query", None, Some("q1"), &basis, false),
+            ("nothing known of what it covered", None, None, &basis, false),
+        ];
+        for (what, run_basis, run_scope, current, want) in table {
+            assert_eq!(run_applies(run_basis, run_scope, scope, current), want, "{what}");
         }
     }
 
