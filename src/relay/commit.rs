@@ -48,38 +48,69 @@ pub enum Write {
     },
 }
 
-/// Versions written lately, per resource: an older version arriving late (a retried notification,
-/// a slow read) does not overwrite a newer one. Bounded; forgotten in bulk when full.
+/// Versions written lately, per resource: the newest source date written, and whether a delete came
+/// after it. An older version arriving late (a retried notification, a slow read) does not overwrite
+/// a newer one, and no version up to the newest one seen brings back a resource deleted after it.
+/// Bounded; forgotten in bulk when full.
 #[derive(Default)]
-struct Recent(HashMap<(String, String), Timestamp>);
+struct Recent(HashMap<(String, String), Seen>);
+
+/// What is known of one resource's latest change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    /// The newest `meta.lastUpdated` written.
+    newest: Timestamp,
+    /// A delete was written after it.
+    deleted: bool,
+}
+
+impl Seen {
+    /// Whether an upsert dated `at` is older than what this says is in Pathling (or gone from it).
+    fn supersedes(&self, at: Timestamp) -> bool {
+        if self.deleted { at <= self.newest } else { at < self.newest }
+    }
+    /// What is known after `w` (a delete keeps the newest date it follows).
+    fn after(seen: Option<Seen>, w: &Write) -> Option<Seen> {
+        match (w, seen) {
+            (Write::Upsert { at: Some(at), .. }, Some(s)) => {
+                Some(Seen { newest: s.newest.max(*at), deleted: s.deleted && *at <= s.newest })
+            }
+            (Write::Upsert { at: Some(at), .. }, None) => Some(Seen { newest: *at, deleted: false }),
+            (Write::Upsert { at: None, .. }, s) => s.map(|s| Seen { deleted: false, ..s }),
+            (Write::Delete { .. }, s) => s.map(|s| Seen { deleted: true, ..s }),
+        }
+    }
+}
 
 const RECENT_MAX: usize = 10_000;
 
 impl Recent {
     fn superseded(&self, w: &Write) -> bool {
         match w {
-            Write::Upsert { at: Some(at), .. } => self.0.get(&w.key()).is_some_and(|newer| newer > at),
+            Write::Upsert { at: Some(at), .. } => self.0.get(&w.key()).is_some_and(|s| s.supersedes(*at)),
             _ => false,
         }
     }
+    fn seen(&self, w: &Write) -> Option<Seen> {
+        self.0.get(&w.key()).copied()
+    }
     fn written(&mut self, w: &Write) {
-        match w {
-            Write::Upsert { at: Some(at), .. } => {
+        match Seen::after(self.seen(w), w) {
+            Some(s) => {
                 if self.0.len() >= RECENT_MAX {
                     self.0.clear();
                 }
-                let e = self.0.entry(w.key()).or_insert(*at);
-                *e = (*e).max(*at);
+                self.0.insert(w.key(), s);
             }
-            Write::Upsert { at: None, .. } => {}
-            Write::Delete { .. } => drop(self.0.remove(&w.key())),
+            None => drop(self.0.remove(&w.key())),
         }
     }
 }
 
-/// Whether `a` is an older version of the resource than `b` (both dated by the source).
-fn older(a: &Write, b: &Write) -> bool {
-    matches!((a, b), (Write::Upsert { at: Some(x), .. }, Write::Upsert { at: Some(y), .. }) if x < y)
+/// Whether `w` loses against what came before it for the same resource: an older upsert than the
+/// newest seen, or one no newer than the version a later delete removed.
+fn loses(w: &Write, before: Option<Seen>) -> bool {
+    matches!((w, before), (Write::Upsert { at: Some(at), .. }, Some(s)) if s.supersedes(*at))
 }
 
 impl Write {
@@ -230,15 +261,18 @@ async fn commit(
     stop: &CancellationToken,
     recent: &mut Recent,
 ) -> (Vec<Outcome>, usize) {
-    // the latest change per resource wins (by the source's date, else by arrival); every job for
-    // it shares its outcome
+    // the latest change per resource wins (by the source's date, else by arrival; a delete wins
+    // against versions up to the newest it followed); every job for it shares its outcome
     let mut last: HashMap<(String, String), usize> = HashMap::new();
+    let mut seen: HashMap<(String, String), Option<Seen>> = HashMap::new();
     for (i, j) in jobs.iter().enumerate() {
         let k = j.write.key();
-        match last.get(&k) {
-            Some(&w) if older(&j.write, &jobs[w].write) => {}
-            _ => drop(last.insert(k, i)),
+        let before = *seen.entry(k.clone()).or_insert_with(|| recent.seen(&j.write));
+        if last.contains_key(&k) && loses(&j.write, before) {
+            continue;
         }
+        seen.insert(k.clone(), Seen::after(before, &j.write));
+        last.insert(k, i);
     }
     let mut result: HashMap<usize, Outcome> = HashMap::new();
     let mut winners: Vec<usize> = vec![];
