@@ -1,7 +1,6 @@
 //! Admin HTTP server: `/healthz`, `/readyz` (starts unready until the controllers' caches have synced,
 //! or immediately ready for a standby), `/metrics`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -9,6 +8,9 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
@@ -33,13 +35,8 @@ struct AdminState {
     metrics: Arc<Metrics>,
 }
 
-/// Serves the admin endpoints until `shutdown` resolves.
-pub async fn serve(
-    addr: SocketAddr,
-    ready: Readiness,
-    metrics: Arc<Metrics>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+/// Serves the admin endpoints on a bound listener ([`crate::serve::bind`]) until `stop` fires.
+pub async fn serve(listener: TcpListener, ready: Readiness, metrics: Arc<Metrics>, stop: CancellationToken) {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
@@ -55,7 +52,8 @@ pub async fn serve(
             }),
         )
         .with_state(AdminState { ready, metrics });
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "admin server listening");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "admin server listening");
+    }
+    crate::serve::serve(listener, app, None, crate::serve::Limits::ADMIN, stop).await
 }

@@ -37,11 +37,13 @@ fn http_client(base: &str) -> HttpClient {
     HttpClient::new(&ClientConfig::new(base.parse().unwrap())).unwrap()
 }
 
+/// Serves the receiver as the operator does: bounded connections, header deadlines.
 async fn serve(relay: Arc<Relay>, leadership: Arc<Leadership>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = fhirsync::serve::bind("127.0.0.1:0".parse().unwrap(), "test receiver").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = router(relay, leadership, false);
-    tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+    let limits = fhirsync::serve::Limits::RECEIVER;
+    tokio::spawn(fhirsync::serve::serve(listener, app, None, limits, CancellationToken::new()));
     addr.to_string()
 }
 
@@ -380,4 +382,121 @@ async fn an_older_version_arriving_late_does_not_overwrite_a_newer_one() {
     assert_eq!(writes, 1, "the older version is not written");
     assert_eq!(h.send("PUT", "Patient/v", &version("2026-11-26T10:00:03Z", "newer"), &[]).await.0, 200);
     assert_eq!(h.pathling.log().writes, 2);
+}
+
+#[tokio::test]
+async fn a_late_older_version_does_not_bring_back_a_deleted_resource() {
+    let h = Harness::start(None, PathlingConfig::default()).await;
+    let version = |when: &str, family: &str| json!({"resourceType": "Patient", "id": "d", "meta": {"lastUpdated": when}, "name": [{"family": family}]});
+    assert_eq!(h.send("PUT", "Patient/d", &version("2026-11-26T10:00:02Z", "v2"), &[]).await.0, 200);
+    assert_eq!(h.send("DELETE", "Patient/d", &Value::Null, &[]).await.0, 200);
+    assert!(h.pathling.ids("Patient").is_empty(), "the delete is applied");
+    // a retried delivery of v1 arrives after the delete, and one of v2 too
+    assert_eq!(h.send("PUT", "Patient/d", &version("2026-11-26T10:00:01Z", "v1"), &[]).await.0, 200);
+    assert_eq!(h.send("PUT", "Patient/d", &version("2026-11-26T10:00:02Z", "v2"), &[]).await.0, 200);
+    assert!(h.pathling.ids("Patient").is_empty(), "a version the delete followed does not bring the resource back");
+    // a newer version is a re-creation at the source: it is written
+    assert_eq!(h.send("PUT", "Patient/d", &version("2026-11-26T10:00:05Z", "v3"), &[]).await.0, 200);
+    assert_eq!(h.pathling.ids("Patient"), vec!["d"]);
+}
+
+/// Opens a connection that sends the start of a request and then a byte every `every`, never
+/// finishing its headers (up to `bytes`); returns when the server closes it, with how long that took.
+async fn slow_sender(addr: &str, bytes: usize, every: Duration) -> Duration {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = std::time::Instant::now();
+    let Ok(mut c) = tokio::net::TcpStream::connect(addr).await else { return t.elapsed() };
+    if c.write_all(b"POST /fss/ns1/feed HTTP/1.1\r\nHost: x\r\nX-Padding: ").await.is_err() {
+        return t.elapsed();
+    }
+    let mut sent = 0;
+    let mut buf = [0u8; 512];
+    while sent < bytes {
+        tokio::select! {
+            r = c.read(&mut buf) => if matches!(r, Ok(0) | Err(_)) { return t.elapsed() } else { continue },
+            _ = tokio::time::sleep(every) => {}
+        }
+        let piece = vec![b'a'; 1024.min(bytes - sent)];
+        if c.write_all(&piece).await.is_err() {
+            return t.elapsed();
+        }
+        sent += piece.len();
+    }
+    t.elapsed()
+}
+
+fn open_descriptors() -> usize {
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_thousand_slow_senders_hold_bounded_connections_and_real_changes_still_arrive() {
+    let h = Harness::start(None, PathlingConfig::default()).await;
+    let addr = h.url.trim_start_matches("http://").split('/').next().unwrap().to_string();
+    let before = open_descriptors();
+    // 256 KiB of headers each, in 1 KiB pieces every 30 ms: about 8 s to send, never finished
+    let slow: Vec<_> = (0..1000)
+        .map(|_| {
+            let a = addr.clone();
+            tokio::spawn(async move { slow_sender(&a, 256 << 10, Duration::from_millis(30)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await; // let the flood build up
+    let during = open_descriptors() - before;
+    assert!(
+        during <= 1000 + fhirsync::serve::Limits::RECEIVER.connections + 32,
+        "{during} descriptors: the client's 1,000 and the server's bounded share"
+    );
+    // a real notification gets through the flood
+    let t = std::time::Instant::now();
+    let (status, _) =
+        tokio::time::timeout(Duration::from_secs(20), h.send("PUT", "Patient/real", &patient("real"), &[]))
+            .await
+            .expect("a real change is answered during the flood");
+    assert_eq!(status, 200, "after {:?}", t.elapsed());
+    assert_eq!(h.pathling.ids("Patient"), vec!["real"]);
+    // every slow sender is cut off long before it would have finished its headers
+    for s in slow {
+        let took = s.await.unwrap();
+        assert!(took < Duration::from_secs(8), "a slow sender was held for {took:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_replica_that_forwards_refuses_a_request_without_a_credential_before_reading_its_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start(None, PathlingConfig::default()).await;
+    let leader_addr = h.url.trim_start_matches("http://").split('/').next().unwrap().to_string();
+    let (other, _rx) = Relay::new(b"a shared secret", Arc::new(Metrics::default()), CancellationToken::new());
+    let follower = Arc::new(Leadership::elected());
+    follower.observe(false, Some(format!("fhirsync-0@{leader_addr}")));
+    let addr = serve(other, follower).await;
+    // 40 requests that declare 1 MiB bodies they never send, with no credential or a forged one
+    let floods: Vec<_> = (0..40)
+        .map(|i| {
+            let a = addr.clone();
+            tokio::spawn(async move {
+                let mut c = tokio::net::TcpStream::connect(&a).await.unwrap();
+                let auth =
+                    if i % 2 == 0 { String::new() } else { "Authorization: Bearer 00000000-0000.forged\r\n".into() };
+                let head = format!("POST /fss/ns1/feed HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 1048576\r\n\r\n");
+                c.write_all(head.as_bytes()).await.unwrap();
+                let mut buf = [0u8; 64];
+                let n = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf))
+                    .await
+                    .expect("answered at once")
+                    .unwrap();
+                String::from_utf8_lossy(&buf[..n]).to_string()
+            })
+        })
+        .collect();
+    for f in floods {
+        let head = f.await.unwrap();
+        assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    }
+    // meanwhile a real change through the same replica reaches Pathling
+    let url = format!("http://{addr}/fss/ns1/feed/Patient/through");
+    let r = h.http.put(&url).bearer_auth(&h.token).body(patient("through").to_string()).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(h.pathling.ids("Patient"), vec!["through"]);
 }

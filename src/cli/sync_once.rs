@@ -135,7 +135,13 @@ async fn run_inner(args: &Args) -> Result<i32, CliError> {
         since: run_state.since,
         verify: None,
     };
-    let deps = Deps { secrets, locks: KeyedLocks::default(), opts: Options::default(), backoff_scale: 1.0 };
+    let deps = Deps {
+        secrets,
+        locks: KeyedLocks::default(),
+        opts: Options::default(),
+        backoff_scale: 1.0,
+        fence: crate::fence::Fence::open(),
+    };
     let mut status = run_state.status.clone();
     let mut persist = StatePersist { path: args.state.clone(), state };
     if inputs.template.source.tls.as_ref().is_some_and(|t| t.insecure_skip_verify)

@@ -100,7 +100,7 @@ impl Writer {
                     g.last = Some(st.clone());
                     return Ok(());
                 }
-                Ok(Applied::Gone) => return Err(PersistError::Gone),
+                Ok(Applied::Gone | Applied::NotHeld) => return Err(PersistError::Gone),
                 Ok(Applied::Conflict) => {
                     // the object changed: if only its metadata or spec did (a filled template, a
                     // finalizer), adopt its version; if its status is not what we wrote (finished,
@@ -267,6 +267,10 @@ async fn drive_run(cached: Arc<BulkExportRun>, ctx: Arc<Context>, cancel: Cancel
                 return;
             }
             Err(DriveError::Gone) => return,
+            Err(DriveError::Fenced) => {
+                tracing::warn!(run = %format!("{ns}/{name}"), "this process no longer holds the lease: it stops acting on the run");
+                return;
+            }
             Err(DriveError::Persist(e)) => {
                 // the API server refused our writes for a while: resume from what it holds
                 tracing::warn!(run = %format!("{ns}/{name}"), error = %e, "could not store the run status; resuming in 30s");
@@ -319,6 +323,9 @@ fn count_finished(ctx: &Context, st: &BulkExportRunStatus) {
 const CLEANUP_GRACE: Duration = Duration::from_secs(600);
 
 async fn cleanup(run: Arc<BulkExportRun>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if !ctx.fence.holds() {
+        return Ok(Action::await_change()); // the replica that holds the lease cleans up
+    }
     let uid = run.uid().unwrap_or_default();
     let task = ctx.tasks.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
     if let Some(t) = task {

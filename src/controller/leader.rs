@@ -167,8 +167,12 @@ pub async fn run_with_election(args: &RunArgs, ctx: Arc<Context>, ready: Readine
     tracing::info!(identity = %id, lease = %format!("{ns}/{}", args.lease_name), "waiting for leadership");
     let shutdown = ctx.shutdown.clone();
     loop {
+        let sent = Instant::now();
         match elector.try_acquire_or_renew().await {
             Ok(true) => {
+                // valid for the renew deadline from when the request was sent: a standby takes
+                // over only a whole lease duration after it last saw a renewal, later than this
+                ctx.fence.renewed(sent, renew_deadline);
                 ctx.leadership.observe(true, Some(id.clone()));
                 break;
             }
@@ -191,8 +195,12 @@ pub async fn run_with_election(args: &RunArgs, ctx: Arc<Context>, ready: Readine
             _ = &mut controllers => break Ok(()),
             _ = shutdown.cancelled() => break Ok(()),
             _ = tokio::time::sleep(retry) => {
+                let sent = Instant::now();
                 match elector.try_acquire_or_renew().await {
-                    Ok(true) => last_renewed = Instant::now(),
+                    Ok(true) => {
+                        last_renewed = sent;
+                        ctx.fence.renewed(sent, renew_deadline);
+                    }
                     Ok(false) => break Err(Error::Other("lost leadership to another replica; exiting so that a single leader acts".into())),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot renew the Lease");
@@ -204,6 +212,7 @@ pub async fn run_with_election(args: &RunArgs, ctx: Arc<Context>, ready: Readine
             }
         }
     };
+    ctx.fence.revoke();
     ctx.leadership.observe(false, None);
     stop.cancel();
     stop_tasks(&ctx).await;

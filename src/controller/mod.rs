@@ -70,6 +70,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("finalizer: {0}")]
     Finalizer(String),
+    #[error(transparent)]
+    Bind(#[from] crate::serve::BindError),
     #[error("{0}")]
     Other(String),
 }
@@ -80,6 +82,7 @@ impl Error {
         match self {
             Error::Kube(_) => "KubeApi",
             Error::Finalizer(_) => "Finalizer",
+            Error::Bind(_) => "Bind",
             Error::Other(_) => "Other",
         }
     }
@@ -127,6 +130,9 @@ pub struct Context {
     /// When each FhirSubscriptionSync (by uid) was last verified in this process.
     pub verifications: Mutex<HashMap<String, std::time::Instant>>,
     pub shutdown: CancellationToken,
+    /// Whether this process may act now (leader election): checked before every status write
+    /// and every step of a run.
+    pub fence: crate::fence::Fence,
 }
 
 /// A short, jittered wait before deciding again after a status conflict (so that many conflicting
@@ -139,7 +145,13 @@ pub fn conflict_backoff() -> std::time::Duration {
 impl Context {
     /// What a run uses from this process.
     pub fn deps(&self) -> Deps {
-        Deps { secrets: self.secrets.clone(), locks: self.locks.clone(), opts: self.opts.clone(), backoff_scale: 1.0 }
+        Deps {
+            secrets: self.secrets.clone(),
+            locks: self.locks.clone(),
+            opts: self.opts.clone(),
+            backoff_scale: 1.0,
+            fence: self.fence.clone(),
+        }
     }
 
     /// How long a settled FhirSubscriptionSync waits before its next verification; `None`: verify now.
@@ -223,19 +235,19 @@ async fn run_inner(args: RunArgs) -> Result<(), Error> {
     }
     let metrics = Arc::new(Metrics::default());
     let ready = Readiness::default();
-    let admin = {
-        let (m, r, s) = (metrics.clone(), ready.clone(), shutdown.clone());
-        let addr = args.admin_addr;
-        tokio::spawn(async move {
-            if let Err(e) = admin::serve(addr, r, m, async move { s.cancelled().await }).await {
-                tracing::error!(error = %e, %addr, "admin server failed");
-            }
-        })
-    };
+    // every listener is bound before anything can say the operator is ready: a port in use
+    // stops the process here, with the address in the message
+    let admin_listener = crate::serve::bind(args.admin_addr, "--admin-addr").await.map_err(Error::Bind)?;
+    let admin = tokio::spawn(admin::serve(admin_listener, ready.clone(), metrics.clone(), shutdown.clone()));
     let recorder = Recorder::new(
         client.clone(),
         Reporter { controller: "fhirsync".into(), instance: std::env::var("POD_NAME").ok() },
     );
+    // with election this process acts only while its lease is fresh: from before anything starts
+    let fence = crate::fence::Fence::process();
+    if args.leader_elect {
+        fence.elect();
+    }
     let leadership = Arc::new(if args.leader_elect {
         crate::relay::receiver::Leadership::elected()
     } else {
@@ -268,6 +280,7 @@ async fn run_inner(args: RunArgs) -> Result<(), Error> {
         sync_writes: Default::default(),
         deferred: Mutex::default(),
         shutdown: shutdown.clone(),
+        fence,
     });
     let result = if args.leader_elect {
         leader::run_with_election(&args, ctx.clone(), ready.clone()).await

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Error;
 use crate::api::{ANNOTATION_RUN_NOW, BulkExportSync, FhirSubscriptionSync};
-use crate::relay::receiver::{self, Leadership, Settings};
+use crate::relay::receiver::{self, Leadership};
 use crate::relay::{CatchUpRequest, Relay};
 
 /// Flags of the receiver (part of `fhirsync run`).
@@ -78,6 +78,7 @@ pub async fn start(
             "no --relay-key-file: the relay's credentials change when the operator restarts (Subscriptions are updated), and replicas would not agree"
         );
     }
+    let shared = key.is_some();
     let key = match key {
         Some(k) => k,
         None => {
@@ -88,20 +89,24 @@ pub async fn start(
         }
     };
     let (relay, catch_ups) = Relay::new(&key, metrics, stop.clone());
+    if !shared {
+        relay.key_is_per_process();
+    }
     if let Some(addr) = args.receiver_addr {
+        // the certificate is read and the port bound before serving: either failing stops the
+        // process, before it says it is ready
         let tls = match (&args.receiver_tls_cert, &args.receiver_tls_key) {
-            (Some(c), Some(k)) => Some((
-                std::fs::read(c).map_err(|e| Error::Other(format!("--receiver-tls-cert {}: {e}", c.display())))?,
-                std::fs::read(k).map_err(|e| Error::Other(format!("--receiver-tls-key {}: {e}", k.display())))?,
-            )),
+            (Some(c), Some(k)) => {
+                let cert =
+                    std::fs::read(c).map_err(|e| Error::Other(format!("--receiver-tls-cert {}: {e}", c.display())))?;
+                let key =
+                    std::fs::read(k).map_err(|e| Error::Other(format!("--receiver-tls-key {}: {e}", k.display())))?;
+                Some(receiver::tls_config(&cert, &key).map_err(Error::Other)?)
+            }
             _ => None,
         };
-        let (r, l, s) = (relay.clone(), leadership, stop.clone());
-        tokio::spawn(async move {
-            if let Err(e) = receiver::serve(Settings { addr, tls }, r, l, s).await {
-                tracing::error!(error = %e, %addr, "the relay's receiver failed");
-            }
-        });
+        let listener = crate::serve::bind(addr, "--receiver-addr").await.map_err(Error::Bind)?;
+        tokio::spawn(receiver::serve(listener, tls, relay.clone(), leadership, stop.clone()));
     }
     tokio::spawn(catch_up(client, recorder, catch_ups, stop.clone()));
     let (tx, _) = broadcast::channel(1024);

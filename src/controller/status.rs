@@ -19,14 +19,21 @@ pub enum Applied {
     Conflict,
     /// The object is gone.
     Gone,
+    /// This process no longer holds the lease: nothing was written.
+    NotHeld,
 }
 
-/// Applies `status` to the object `name` if its resourceVersion is still `rv` (when given).
+/// Applies `status` to the object `name` if its resourceVersion is still `rv` (when given) — and
+/// only while this process may act ([`crate::fence::Fence::process`]): a leader whose lease lapsed
+/// writes nothing, whatever its tasks were doing when it paused.
 pub async fn apply<K, S>(api: &Api<K>, name: &str, rv: Option<&str>, status: &S) -> Result<Applied, kube::Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
     S: Serialize,
 {
+    if !crate::fence::Fence::process().holds() {
+        return Ok(Applied::NotHeld);
+    }
     let mut metadata = serde_json::Map::new();
     if let Some(rv) = rv {
         metadata.insert("resourceVersion".into(), rv.into());

@@ -71,7 +71,7 @@ pub(super) async fn write_status(
     }
     match super::status::apply(api, &obj.name_any(), obj.resource_version().as_deref(), st).await? {
         super::status::Applied::Written(_) => Ok(true),
-        super::status::Applied::Conflict | super::status::Applied::Gone => Ok(false),
+        super::status::Applied::Conflict | super::status::Applied::Gone | super::status::Applied::NotHeld => Ok(false),
     }
 }
 

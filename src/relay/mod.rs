@@ -91,6 +91,8 @@ pub struct SyncRelay {
 pub struct Relay {
     syncs: RwLock<HashMap<String, Arc<SyncRelay>>>,
     key: ring::hmac::Key,
+    /// Every replica has the same key (`--relay-key-file`).
+    key_shared: AtomicBool,
     budget: Budget,
     reads: tokio::sync::Semaphore,
     metrics: Arc<Metrics>,
@@ -127,6 +129,15 @@ pub struct Incoming<'a> {
     pub body: Held,
 }
 
+/// `Bearer {uid}.{tag}` → (uid, tag); `Bearer {tag}` → (None, tag).
+fn bearer(authorization: Option<&str>) -> Option<(Option<&str>, &str)> {
+    let token = authorization?.trim().strip_prefix("Bearer ")?.trim();
+    Some(match token.split_once('.') {
+        Some((uid, tag)) => (Some(uid), tag),
+        None => (None, token),
+    })
+}
+
 fn key(ns: &str, name: &str) -> String {
     format!("{ns}/{name}")
 }
@@ -143,6 +154,7 @@ impl Relay {
         let relay = Arc::new(Self {
             syncs: RwLock::default(),
             key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
+            key_shared: AtomicBool::new(true),
             budget: Budget::new(PENDING_MAX, BODY_MAX),
             reads: tokio::sync::Semaphore::new(READS_AT_ONCE),
             metrics,
@@ -152,19 +164,55 @@ impl Relay {
         (relay, rx)
     }
 
-    /// The credential of the sync with `uid` (what its Subscriptions send as `Authorization: Bearer`).
+    /// The credential of the sync with `uid` (what its Subscriptions send as `Authorization: Bearer`):
+    /// `{uid}.{tag}`, the tag an HMAC of the uid under the relay key. The uid in it lets any replica
+    /// that shares the key check a request before reading its body, without knowing the sync.
     pub fn token(&self, uid: &str) -> String {
+        format!("{uid}.{}", self.tag(uid))
+    }
+
+    fn tag(&self, uid: &str) -> String {
         use base64::Engine;
         let tag = ring::hmac::sign(&self.key, format!("fhirsync-relay/{uid}").as_bytes());
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag.as_ref())
     }
 
-    /// Whether `authorization` carries the credential of the sync with `uid` (checked in constant time).
+    /// Whether `authorization` carries the credential of the sync with `uid` (checked in constant
+    /// time). A bare tag (the form before the uid was added) is still taken.
     fn authorized(&self, uid: &str, authorization: Option<&str>) -> bool {
+        match bearer(authorization) {
+            Some((Some(u), tag)) => u == uid && self.verify(uid, tag),
+            Some((None, tag)) => self.verify(uid, tag),
+            None => false,
+        }
+    }
+
+    fn verify(&self, uid: &str, tag: &str) -> bool {
         use base64::Engine;
-        let Some(token) = authorization.and_then(|a| a.trim().strip_prefix("Bearer ")) else { return false };
-        let Ok(tag) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token.trim()) else { return false };
+        let Ok(tag) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(tag) else { return false };
         ring::hmac::verify(&self.key, format!("fhirsync-relay/{uid}").as_bytes(), &tag).is_ok()
+    }
+
+    /// Whether a request a replica passes on to the leader carries a credential fhirsync issued,
+    /// checked before its body is read: with a key every replica shares, the tag is verified for
+    /// the uid it names; with a key of this process only (no `--relay-key-file`), only its form can
+    /// be checked here — the leader checks the rest.
+    pub fn vouch(&self, authorization: Option<&str>) -> bool {
+        match bearer(authorization) {
+            Some((Some(uid), tag)) if self.key_shared.load(Ordering::Relaxed) => self.verify(uid, tag),
+            Some((Some(uid), tag)) => {
+                uid.len() <= 64
+                    && tag.len() == 43
+                    && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            }
+            _ => false,
+        }
+    }
+
+    /// Tells the relay its key is this process's own (no `--relay-key-file`): other replicas'
+    /// credentials cannot be verified here.
+    pub fn key_is_per_process(&self) {
+        self.key_shared.store(false, Ordering::Relaxed);
     }
 
     /// The path of a sync's notifications under the receiver's URL.

@@ -28,6 +28,8 @@ pub struct Leadership {
     elected: AtomicBool,
     leader: AtomicBool,
     holder: Mutex<Option<String>>,
+    /// Whether this process may act ([`crate::fence::Fence::process`]).
+    fence: crate::fence::Fence,
 }
 
 enum Route {
@@ -39,7 +41,7 @@ enum Route {
 impl Leadership {
     /// Leader election is in use: only the holder processes.
     pub fn elected() -> Self {
-        Self { elected: AtomicBool::new(true), ..Default::default() }
+        Self { elected: AtomicBool::new(true), fence: crate::fence::Fence::process(), ..Default::default() }
     }
 
     /// Records what the last look at the lease found.
@@ -49,8 +51,12 @@ impl Leadership {
     }
 
     fn route(&self) -> Route {
-        if !self.elected.load(Ordering::SeqCst) || self.leader.load(Ordering::SeqCst) {
+        if !self.elected.load(Ordering::SeqCst) {
             return Route::Local;
+        }
+        if self.leader.load(Ordering::SeqCst) {
+            // a leader whose lease lapsed (it was paused) takes nothing until it knows again
+            return if self.fence.holds() { Route::Local } else { Route::Unknown };
         }
         // identities look like `pod@10.1.2.3:8443` when the holder runs a receiver
         match self.holder.lock().unwrap_or_else(|p| p.into_inner()).as_deref().and_then(|h| h.split_once('@')) {
@@ -59,14 +65,6 @@ impl Leadership {
             _ => Route::Unknown,
         }
     }
-}
-
-/// The receiver's settings.
-#[derive(Clone)]
-pub struct Settings {
-    pub addr: SocketAddr,
-    /// TLS certificate chain and key (PEM), when the receiver serves HTTPS itself.
-    pub tls: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 #[derive(Clone)]
@@ -149,6 +147,15 @@ async fn dispatch(
     match st.leadership.route() {
         Route::Local => {}
         Route::To(addr) if h(FORWARDED).is_none() => {
+            // a request without a credential fhirsync issued is refused here, before its body is
+            // read: a flood at this replica cannot take the budget real changes pass through
+            if !st.relay.vouch(h("authorization").as_deref()) {
+                return outcome(&Answer {
+                    status: 401,
+                    retry_after: None,
+                    message: "missing or wrong credential".into(),
+                });
+            }
             // held within this replica's budget while it travels on
             let body = match st.relay.read(length, body.into_data_stream()).await {
                 Ok(b) => b,
@@ -254,27 +261,25 @@ async fn forward(
     }
 }
 
-/// Serves the receiver until `stop` fires.
+/// Serves the receiver on a bound listener until `stop` fires (bind first with [`crate::serve::bind`],
+/// and read the certificate with [`tls_config`], so that a port in use or a bad certificate stops
+/// the process before it says it is ready).
 pub async fn serve(
-    settings: Settings,
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     relay: Arc<Relay>,
     leadership: Arc<Leadership>,
     stop: CancellationToken,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(settings.addr).await?;
-    tracing::info!(addr = %settings.addr, tls = settings.tls.is_some(), "relay receiver listening");
-    let app = router(relay, leadership, settings.tls.is_some());
-    match settings.tls {
-        None => axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await,
-        Some((cert, key)) => {
-            let cfg = tls_config(&cert, &key).map_err(std::io::Error::other)?;
-            serve_tls(listener, cfg, app, stop).await;
-            Ok(())
-        }
+) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, tls = tls.is_some(), "relay receiver listening");
     }
+    let app = router(relay, leadership, tls.is_some());
+    crate::serve::serve(listener, app, tls, crate::serve::Limits::RECEIVER, stop).await;
 }
 
-fn tls_config(cert: &[u8], key: &[u8]) -> Result<Arc<rustls::ServerConfig>, String> {
+/// The receiver's TLS configuration from PEM certificate chain and key.
+pub fn tls_config(cert: &[u8], key: &[u8]) -> Result<Arc<rustls::ServerConfig>, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
@@ -286,39 +291,4 @@ fn tls_config(cert: &[u8], key: &[u8]) -> Result<Arc<rustls::ServerConfig>, Stri
         .with_single_cert(certs, key)
         .map(Arc::new)
         .map_err(|e| format!("the receiver's TLS certificate and key: {e}"))
-}
-
-async fn serve_tls(
-    listener: tokio::net::TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    app: Router,
-    stop: CancellationToken,
-) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use hyper_util::server::conn::auto::Builder;
-    use hyper_util::service::TowerToHyperService;
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    loop {
-        let socket = tokio::select! {
-            a = listener.accept() => match a {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    // out of file descriptors and the like: do not spin
-                    tracing::warn!(error = %e, "the receiver could not accept a connection");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            },
-            _ = stop.cancelled() => return,
-        };
-        let (acceptor, app) = (acceptor.clone(), app.clone());
-        tokio::spawn(async move {
-            let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(socket)).await else {
-                return;
-            };
-            let _ = Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app))
-                .await;
-        });
-    }
 }

@@ -170,6 +170,9 @@ pub struct Deps {
     pub opts: Options,
     /// Delay scale for waits (1.0 in production; tests shrink it).
     pub backoff_scale: f64,
+    /// Whether this process may act (leader election): a run stops before its next step once the
+    /// fence lapses, and the step in flight is dropped.
+    pub fence: crate::fence::Fence,
 }
 
 /// Stores a run's status.
@@ -196,6 +199,9 @@ pub enum PersistError {
 pub enum DriveError {
     #[error("cancelled")]
     Cancelled,
+    /// This process may no longer act (its lease lapsed): another replica takes the run over.
+    #[error("this process no longer holds the lease")]
+    Fenced,
     #[error("the run is gone or finished elsewhere")]
     Gone,
     #[error("persisting the run status failed: {0}")]
@@ -303,15 +309,25 @@ pub async fn drive<P: Persist + Send>(
 
     let mut mem = Memory::default();
     loop {
+        // a process that lost its lease (paused, partitioned) stops before acting again; a step in
+        // flight when the fence lapses is dropped, its result neither stored nor followed
+        if !deps.fence.holds() {
+            return Err(DriveError::Fenced);
+        }
         let before = durable(st);
         let phase = st.phase;
         let next = tokio::select! {
+            biased;
+            _ = deps.fence.lapsed() => return Err(DriveError::Fenced),
+            _ = cancel.cancelled() => return Err(DriveError::Cancelled),
             n = engine.step(st, &mut mem, progress) => n,
             _ = tokio::time::sleep_until(deadline) => {
                 engine.fail(st, &mut mem, timeout()).await
             }
-            _ = cancel.cancelled() => return Err(DriveError::Cancelled),
         };
+        if !deps.fence.holds() {
+            return Err(DriveError::Fenced);
+        }
         progress.send_replace(st.clone());
         if st.phase != phase {
             log_phase(&id, phase, st);
@@ -327,6 +343,7 @@ pub async fn drive<P: Persist + Send>(
                     _ = tokio::time::sleep(d) => {}
                     _ = tokio::time::sleep_until(deadline) => {}
                     _ = cancel.cancelled() => return Err(DriveError::Cancelled),
+                    _ = deps.fence.lapsed() => return Err(DriveError::Fenced),
                 }
             }
         }

@@ -96,6 +96,7 @@ spec:
             locks,
             opts: Options::default(),
             backoff_scale: 0.002,
+            fence: fhirsync::fence::Fence::open(),
         }
     }
 
