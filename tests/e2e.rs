@@ -351,6 +351,54 @@ async fn leader_election_hands_a_running_sync_to_the_standby() {
 }
 
 #[tokio::test]
+async fn a_paused_leader_that_wakes_up_stops_acting_before_the_new_one_works() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let _g = SERIAL.lock().await;
+    cluster::apply_core_shims();
+    let w = World::new("paused", SourceConfig { polls_before_done: 1_000_000, ..data() }).await;
+    let leases: Api<Lease> = Api::namespaced(cluster::client().await, &w.ns);
+    let lease_name = "fhirsync-operator";
+    let args = ["--leader-elect", "--lease-name", lease_name, "--lease-namespace", w.ns.as_str()];
+    let env = |pod| [("POD_NAME", pod), ("FHIRSYNC_LEASE_SECONDS", "4")];
+    let mut a = Operator::start_env(&w.ns, w.dir.path(), &args, &env("op-a"));
+    let holder = |l: &Lease| l.spec.as_ref().and_then(|s| s.holder_identity.clone());
+    wait_for(&leases, lease_name, 30, "op-a leads", move |l| holder(l).as_deref() == Some("op-a")).await;
+    let b = Operator::start_env(&w.ns, w.dir.path(), &args, &env("op-b"));
+    w.apply_sync("hospital-p", json!({})).await;
+    let run = loop {
+        if let Some(r) = w.runs_of("hospital-p").await.into_iter().next() {
+            break r;
+        }
+        w.source.wait_for(|l| l.polls >= 1).await;
+    };
+    w.source.wait_for(|l| l.polls >= 2).await;
+    // the leader freezes mid-export; the standby takes the lease and the run
+    a.signal("STOP");
+    wait_for(&leases, lease_name, 60, "op-b took over", move |l| holder(l).as_deref() == Some("op-b")).await;
+    let polls = w.source.log().polls;
+    w.source.wait_for(|l| l.polls > polls).await; // op-b polls the same export
+    // the old leader wakes up: it must not poll, release, fail or clean up anything
+    a.signal("CONT");
+    for _ in 0..200 {
+        if !a.is_running() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // a process exit: nothing to watch
+    }
+    assert!(!a.is_running(), "the old leader exits once it sees the lease is gone:\n{}", a.logs());
+    assert!(w.source.log().status_deletes.is_empty(), "nobody released the export the new leader works on");
+    w.source.configure(|c| c.polls_before_done = 0);
+    let r = wait_for(&w.runs, &run.name_any(), 60, "op-b finishes the run", |r| phase(r).is_finished()).await;
+    assert_eq!(phase(&r), Phase::Succeeded, "{:?}\nop-a:\n{}\nop-b:\n{}", r.status, a.logs(), b.logs());
+    let log = w.source.log();
+    assert_eq!(log.accepted, 1, "one export, resumed by the new leader");
+    assert_eq!(log.max_active_exports, 1);
+    assert_eq!(log.status_deletes.len(), 1, "released once, by the new leader, after its transfer");
+    assert_eq!(w.pathling.log().imports.len(), 1, "imported exactly once");
+    assert!(!a.logs().contains("run failed"), "the old leader failed nothing:\n{}", a.logs());
+}
+
+#[tokio::test]
 async fn two_syncs_on_one_source_never_export_at_once() {
     let _g = SERIAL.lock().await;
     let w = World::new("shared-src", SourceConfig { polls_before_done: 2, ..data() }).await;

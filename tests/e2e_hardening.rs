@@ -91,3 +91,50 @@ async fn a_run_whose_sync_was_deleted_first_still_cleans_up() {
     assert_eq!(log.active_exports, 0);
     assert!(!w.dir.path().join("staging").join(&w.ns).join("hospital-e-g1").exists());
 }
+
+#[tokio::test]
+async fn an_edit_during_a_run_wins_over_the_run_of_the_old_spec() {
+    let _g = SERIAL.lock().await;
+    let w = World::new("edit-mid-run", data()).await;
+    let _op = w.operator();
+    w.apply_sync("ward-e", json!({"export": {"types": ["Patient"]}})).await;
+    wait_for(&w.syncs, "ward-e", 60, "first run Ready", |s| ready(s).is_some_and(|r| r.0 == "True")).await;
+    // the second run (incremental, Patient only) is in flight when export.types gains Observation
+    w.source.configure(|c| c.polls_before_done = 1_000_000);
+    w.syncs
+        .patch(
+            "ward-e",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"fhirsync.io/run-now": "1"}}})),
+        )
+        .await
+        .unwrap();
+    let polls = w.source.log().polls;
+    w.source.wait_for(|l| l.kickoffs.len() == 2 && l.polls > polls).await;
+    let old = w.runs_of("ward-e").await.into_iter().find(|r| !phase(r).is_finished()).expect("run in flight");
+    w.apply_sync("ward-e", json!({"export": {"types": ["Patient", "Observation"]}})).await;
+    wait_for(&w.syncs, "ward-e", 60, "the edit reset the watermark", |s| {
+        s.status.as_ref().is_some_and(|st| st.watermark.is_none())
+    })
+    .await;
+    // the run of the old spec finishes after the edit
+    w.source.configure(|c| c.polls_before_done = 0);
+    wait_for(&w.runs, &old.name_any(), 60, "old run finished", |r| phase(r) == Phase::Succeeded).await;
+    w.source.wait_for(|l| l.kickoffs.len() >= 3).await;
+    let third = w.source.log().kickoffs[2].clone();
+    assert_eq!(third.param("_type").as_deref(), Some("Patient,Observation"));
+    assert_eq!(
+        third.param("_since"),
+        None,
+        "the edited spec's first run is a full export: every older Observation comes"
+    );
+    let s = wait_for(&w.syncs, "ward-e", 60, "the edited spec's run folded", |s| {
+        s.status
+            .as_ref()
+            .and_then(|st| st.last_successful_run.as_ref())
+            .is_some_and(|l| l.resources.contains_key("Observation"))
+    })
+    .await;
+    assert!(s.status.unwrap().watermark.is_some(), "the full export of the new spec moves the watermark");
+    assert_eq!(w.pathling.counts().get("Observation"), Some(&2217));
+}

@@ -220,6 +220,17 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
             return Ok(retry_soon);
         }
     };
+    if spec.delivery == Delivery::Relay && !outcome.updated.is_empty() {
+        // the Subscriptions now carry another credential or endpoint (a restart without
+        // --relay-key-file makes a new key): deliveries the source still retries with the old ones
+        // will be refused, so what changed meanwhile comes by a catch-up now, not after the source
+        // gives up on its retries
+        ctx.relay.catch_up_now(
+            &ns,
+            &name,
+            "the Subscriptions were updated (credential or endpoint): deliveries in flight with the old ones are refused",
+        );
+    }
     for (what, list) in [("Updated", &outcome.updated), ("Rerequested", &outcome.rerequested)] {
         for c in list {
             ctx.event(

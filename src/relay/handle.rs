@@ -163,7 +163,7 @@ impl Relay {
     }
 
     /// Records what was missed and asks for a catch-up (at most every 30 s per sync).
-    fn missed(&self, s: &SyncRelay, why: &str) {
+    pub(super) fn missed(&self, s: &SyncRelay, why: &str) {
         tracing::warn!(fss = %key(&s.cfg.namespace, &s.cfg.name), why, "the relay missed changes");
         {
             let mut st = s.stats.lock().unwrap_or_else(|p| p.into_inner());

@@ -268,6 +268,15 @@ impl Relay {
         );
     }
 
+    /// Records that a sync's changes may have been missed and asks for its catch-up now (within the
+    /// usual bound of one per 30 s): the controller knows when the source will refuse or drop
+    /// deliveries — it has just changed the Subscriptions' credential.
+    pub fn catch_up_now(&self, namespace: &str, name: &str, why: &str) {
+        if let Some(s) = self.sync(namespace, name) {
+            self.missed(&s, why);
+        }
+    }
+
     /// Stops relaying for a sync (deleted, or no longer in Relay mode).
     pub fn forget(&self, namespace: &str, name: &str) {
         self.syncs.write().unwrap_or_else(|p| p.into_inner()).remove(&key(namespace, name));

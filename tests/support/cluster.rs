@@ -127,6 +127,13 @@ impl Operator {
         c.wait().ok().and_then(|s| s.code())
     }
 
+    /// Sends a signal by name (`STOP`, `CONT`): a pause of the whole process, as a frozen node would.
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").args([format!("-{sig}"), c.id().to_string()]).status();
+        }
+    }
+
     /// Whether the process is still running (it did not crash).
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
