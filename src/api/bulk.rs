@@ -71,6 +71,10 @@ pub enum SaveMode {
     Error,
 }
 
+fn is_auto(g: &PathlingGeneration) -> bool {
+    *g == PathlingGeneration::Auto
+}
+
 impl SaveMode {
     /// The code Pathling expects.
     pub fn code(self) -> &'static str {
@@ -82,6 +86,19 @@ impl SaveMode {
             SaveMode::Error => "error",
         }
     }
+}
+
+/// Which generation of Pathling server the target runs (how fhirsync talks to it).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum PathlingGeneration {
+    /// Found from the server's CapabilityStatement before anything is sent (the default).
+    #[default]
+    Auto,
+    /// Pathling Server 7.x and earlier (`au.csiro.pathling:fhir-server`): `$import` with `source`
+    /// parts, no DELETE and no `$export`.
+    V7,
+    /// Pathling Server 2.x/3.x: `$import` with `input` parts and `saveMode`, DELETE, `$export`.
+    V3,
 }
 
 /// The Pathling server that receives the data.
@@ -112,6 +129,10 @@ pub struct PathlingTarget {
     /// `$import` saveMode, sent explicitly: merge (default), overwrite, append, ignore or error.
     #[serde(default)]
     pub save_mode: SaveMode,
+    /// The Pathling generation the target speaks: `Auto` (default: read from its CapabilityStatement
+    /// before anything is sent), `V7` or `V3` to say so.
+    #[serde(default, skip_serializing_if = "is_auto")]
+    pub pathling_generation: PathlingGeneration,
     /// Apply the deletions of each run's window on Pathling: from the export manifest's `deleted[]`,
     /// else from the source's history.
     #[serde(default = "yes")]

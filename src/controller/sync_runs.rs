@@ -134,19 +134,21 @@ async fn fold(
             (Some(w), false) => format!(" The watermark stays at {} so the next run fetches again what failed.", w.0),
             (None, false) => " The next run is a full export again, to fetch what failed.".into(),
         };
-        let run_degraded = rs
-            .conditions
-            .iter()
-            .find(|c| c.type_ == types::DEGRADED && c.status == "True")
-            .map(|c| c.message.clone())
-            .unwrap_or_default();
+        let degraded_condition = rs.conditions.iter().find(|c| c.type_ == types::DEGRADED && c.status == "True");
+        let run_degraded = degraded_condition.map(|c| c.message.clone()).unwrap_or_default();
+        let run_degraded_reason = degraded_condition.map(|c| c.reason.as_str()).unwrap_or_default();
         let degraded = if rs.export_errors > 0 {
             Some((
                 "PartialExport",
                 format!("run {}: the source reported {} export errors.{held}", run.name_any(), rs.export_errors),
             ))
         } else if rs.deletions_incomplete {
-            Some(("DeletionsIncomplete", format!("run {}: {run_degraded}", run.name_any())))
+            let reason = if run_degraded_reason == "DeletionsUnsupported" {
+                "DeletionsUnsupported"
+            } else {
+                "DeletionsIncomplete"
+            };
+            Some((reason, format!("run {}: {run_degraded}", run.name_any())))
         } else if rs.deletion_source == Some(crate::api::DeletionSource::Unavailable) {
             Some(("DeletionsUnavailable", format!("run {}: {run_degraded}", run.name_any())))
         } else {

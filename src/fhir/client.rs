@@ -54,6 +54,9 @@ pub enum Error {
     /// A body larger than fhirsync accepts for its purpose.
     #[error("{url}: {what} is larger than {limit} bytes; fhirsync does not read it")]
     TooLarge { url: String, what: String, limit: u64 },
+    /// The server's generation or kind cannot do this at all (it is not sent).
+    #[error("{url}: the server does not support {what}")]
+    Unsupported { url: String, what: String },
     /// The address policy refused the URL.
     #[error("{url}: {why}")]
     Refused { url: String, why: String },

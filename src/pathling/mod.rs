@@ -18,8 +18,10 @@ use crate::fhir::retry::retry_after;
 use crate::text::{describe_text_body, peer_text, redact};
 
 mod batch;
+pub mod dialect;
 mod export;
 pub use batch::{MAX_ENTRIES as BATCH_MAX, Put};
+pub use dialect::{Detected, Generation};
 pub use export::{ExportPoll, export_manifest};
 
 /// Largest `$job` result read.
@@ -39,6 +41,17 @@ pub struct ImportResult {
     pub transaction_time: Option<String>,
     /// The `output.inputUrl` values: one per input Pathling handled.
     pub input_urls: Vec<String>,
+    /// Whether the result lists its inputs at all (V3 does; V7 answers an OperationOutcome).
+    pub lists_inputs: bool,
+}
+
+/// What a `$import` submission gave.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Submitted {
+    /// An asynchronous job to poll.
+    Job(String),
+    /// Done at once (a server that answered synchronously), with its validated result.
+    Done(ImportResult),
 }
 
 /// Result of polling a `$job`.
@@ -63,10 +76,14 @@ pub struct PnpRequest {
     pub elements: Vec<String>,
 }
 
-/// Pathling client.
+/// Pathling client. It speaks the generation the server is ([`dialect`]): given by the spec, or read
+/// from the CapabilityStatement once, before the first request that depends on it.
 #[derive(Clone, Debug)]
 pub struct PathlingClient {
     http: HttpClient,
+    /// `target.pathlingGeneration` when it says.
+    forced: Option<Generation>,
+    detected: std::sync::Arc<tokio::sync::OnceCell<Detected>>,
 }
 
 fn prefer_async(r: Request) -> Request {
@@ -76,7 +93,27 @@ fn prefer_async(r: Request) -> Request {
 impl PathlingClient {
     /// Wraps an HTTP client for Pathling.
     pub fn new(http: HttpClient) -> Self {
-        Self { http }
+        Self { http, forced: None, detected: Default::default() }
+    }
+
+    /// The generation the spec says the server is (`None`: read it from the server).
+    pub fn with_generation(mut self, g: Option<Generation>) -> Self {
+        self.forced = g;
+        self
+    }
+
+    /// The server's generation: the spec's, or what its CapabilityStatement says (read once; a
+    /// failed read is tried again next time).
+    pub async fn generation(&self) -> Result<Detected, Error> {
+        if let Some(g) = self.forced {
+            return Ok(Detected { generation: g, why: "target.pathlingGeneration".into(), guessed: false });
+        }
+        self.detected
+            .get_or_try_init(|| async {
+                crate::fhir::capabilities::read(&self.http).await.map(|c| dialect::detect(&c))
+            })
+            .await
+            .cloned()
     }
 
     /// The underlying HTTP client.
@@ -122,9 +159,55 @@ impl PathlingClient {
         json!({"resourceType": "Parameters", "parameter": params})
     }
 
-    /// Submits `$import`; returns the `$job` URL.
-    pub async fn import(&self, inputs: &[ImportInput], save_mode: &str) -> Result<String, Error> {
-        self.submit("$import", Self::import_body(inputs, save_mode)).await
+    /// The `$import` body of Pathling 7.x: one `source` part per file, each with its `mode` as a
+    /// valueCode — 7.x defaults to overwrite and ignores a mode sent any other way.
+    pub fn import_body_v7(inputs: &[ImportInput], save_mode: &str) -> Vec<u8> {
+        let parameter = inputs
+            .iter()
+            .map(|i| Param {
+                part: vec![
+                    Param::code("resourceType", &i.resource_type),
+                    Param { value_url: Some(&i.url), ..Param::new("url") },
+                    Param::code("mode", save_mode),
+                ],
+                ..Param::new("source")
+            })
+            .collect();
+        serde_json::to_vec(&Parameters { resource_type: "Parameters", parameter }).unwrap_or_default()
+    }
+
+    /// Submits `$import` in the server's dialect.
+    pub async fn import(&self, inputs: &[ImportInput], save_mode: &str) -> Result<Submitted, Error> {
+        match self.generation().await?.generation {
+            Generation::V3 => self.submit("$import", Self::import_body(inputs, save_mode)).await.map(Submitted::Job),
+            Generation::V7 => self.submit_v7(Self::import_body_v7(inputs, save_mode)).await,
+        }
+    }
+
+    /// 7.x answers `202` with a job when asked to (as fhirsync always asks), else `200` when done.
+    /// It keys asynchronous jobs by URL and headers, not by body: a second import with other files
+    /// would be handed the first one's job (and never run), so each submission carries a nonce.
+    async fn submit_v7(&self, body: Vec<u8>) -> Result<Submitted, Error> {
+        let mut url = self.http.url("$import");
+        url.query_pairs_mut().append_pair("nonce", &uuid::Uuid::new_v4().simple().to_string());
+        let r = prefer_async(
+            Request::new(Method::POST, url.clone())
+                .header(ACCEPT, "application/fhir+json")
+                .header(CONTENT_TYPE, "application/fhir+json")
+                .body(body),
+        );
+        let resp = self.http.send(r).await?;
+        match resp.status() {
+            StatusCode::ACCEPTED => job_location(&url, &resp, "$import").map(Submitted::Job),
+            StatusCode::OK => {
+                let ctype = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+                let body = read_capped(resp, RESULT_MAX, "the import result").await?;
+                import_result(&body, ctype.as_deref(), Generation::V7)
+                    .map(Submitted::Done)
+                    .map_err(|message| Error::Protocol { url: redact(&url), message })
+            }
+            _ => Err(busy_if_503(Error::from_response(&Method::POST, resp).await)),
+        }
     }
 
     /// Submits `$import-pnp`; returns the `$job` URL.
@@ -161,7 +244,8 @@ impl PathlingClient {
             StatusCode::OK => {
                 let ctype = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
                 let body = read_capped(resp, RESULT_MAX, "the import result").await?;
-                import_result(&body, ctype.as_deref())
+                let generation = self.generation().await?.generation;
+                import_result(&body, ctype.as_deref(), generation)
                     .map(JobPoll::Done)
                     .map_err(|message| Error::Protocol { url: redact(&url), message })
             }
@@ -181,7 +265,14 @@ impl PathlingClient {
     }
 
     /// Deletes one resource; a 404 (already absent) counts as done. Type and id must be well formed.
+    /// Pathling 7.x has no DELETE: that is said, never sent.
     pub async fn delete_resource(&self, resource_type: &str, id: &str) -> Result<(), Error> {
+        if !self.generation().await?.generation.deletes() {
+            return Err(Error::Unsupported {
+                url: redact(self.http.base()),
+                what: "DELETE of a single resource (Pathling Server 7.x has none)".into(),
+            });
+        }
         if !is_type(resource_type) || !is_id(id) {
             return Err(Error::Protocol {
                 url: redact(self.http.base()),
@@ -265,9 +356,9 @@ struct ResultPart {
     value_uri: Option<String>,
 }
 
-/// Validates a finished import's body: Pathling's result Parameters, not an OperationOutcome and not
-/// whatever a proxy put there.
-pub fn import_result(body: &[u8], content_type: Option<&str>) -> Result<ImportResult, String> {
+/// Validates a finished import's body: Pathling's result Parameters (V3), or (V7) an OperationOutcome
+/// that reports no error — and not whatever a proxy put there.
+pub fn import_result(body: &[u8], content_type: Option<&str>, generation: Generation) -> Result<ImportResult, String> {
     let v: ResultBody = serde_json::from_slice(body).map_err(|_| {
         format!(
             "the import job answered 200 with {} instead of its result; is target.url Pathling's FHIR base?",
@@ -276,6 +367,13 @@ pub fn import_result(body: &[u8], content_type: Option<&str>) -> Result<ImportRe
     })?;
     match v.resource_type.as_deref() {
         Some("Parameters") => {}
+        Some("OperationOutcome") if generation == Generation::V7 => {
+            let oo = OperationOutcome::parse(body).unwrap_or_default();
+            if oo.has_errors() || oo.issue.is_empty() {
+                return Err(format!("the import job answered 200 with an OperationOutcome: {}", oo.summary()));
+            }
+            return Ok(ImportResult { lists_inputs: false, ..Default::default() });
+        }
         Some("OperationOutcome") => {
             let oo = OperationOutcome::parse(body).unwrap_or_default();
             return Err(format!("the import job answered 200 with an OperationOutcome: {}", oo.summary()));
@@ -287,7 +385,7 @@ pub fn import_result(body: &[u8], content_type: Option<&str>) -> Result<ImportRe
             ));
         }
     }
-    let mut r = ImportResult::default();
+    let mut r = ImportResult { lists_inputs: true, ..Default::default() };
     for p in v.parameter {
         match p.name.as_str() {
             "transactionTime" => r.transaction_time = p.value_string.or(p.value_instant).map(|s| peer_text(&s, 64)),
@@ -336,7 +434,7 @@ mod tests {
     fn a_200_counts_only_with_the_import_result() {
         let ok = br#"{"resourceType":"Parameters","parameter":[{"name":"transactionTime","valueString":"2026-11-26T03:00:00Z"},
             {"name":"output","part":[{"name":"inputUrl","valueUrl":"file:///s/a.ndjson"}]}]}"#;
-        let r = import_result(ok, None).unwrap();
+        let r = import_result(ok, None, Generation::V3).unwrap();
         assert_eq!(r.input_urls, vec!["file:///s/a.ndjson".to_string()]);
         let table: &[(&[u8], &str)] = &[
             (b"<html><title>Gateway</title></html>", "an HTML page titled \"Gateway\""),
@@ -345,8 +443,31 @@ mod tests {
             (br#"{"ok":true}"#, "not a FHIR resource"),
         ];
         for (body, want) in table {
-            let e = import_result(body, None).unwrap_err();
+            let e = import_result(body, None, Generation::V3).unwrap_err();
             assert!(e.contains(want), "{e}");
+        }
+        // Pathling 7.x reports a finished import as an informational OperationOutcome
+        let done = br#"{"resourceType":"OperationOutcome","issue":[{"severity":"information","code":"informational","diagnostics":"Data import completed successfully"}]}"#;
+        assert!(!import_result(done, None, Generation::V7).unwrap().lists_inputs);
+        let failed = br#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"processing","diagnostics":"bad file"}]}"#;
+        assert!(import_result(failed, None, Generation::V7).unwrap_err().contains("bad file"));
+        assert!(import_result(br#"{"resourceType":"OperationOutcome","issue":[]}"#, None, Generation::V7).is_err());
+    }
+
+    #[test]
+    fn a_v7_import_sends_each_mode_as_a_value_code() {
+        let inputs = [
+            ImportInput { resource_type: "Patient".into(), url: "file:///s/Patient.0000.ndjson".into() },
+            ImportInput { resource_type: "Observation".into(), url: "file:///s/Observation.0001.ndjson".into() },
+        ];
+        let b: Value = serde_json::from_slice(&PathlingClient::import_body_v7(&inputs, "merge")).unwrap();
+        let p = b["parameter"].as_array().unwrap();
+        assert_eq!(p.len(), 2, "one source part per file, nothing else: {b}");
+        for (part, input) in p.iter().zip(&inputs) {
+            assert_eq!(part["name"], "source");
+            assert_eq!(part["part"][0], json!({"name": "resourceType", "valueCode": input.resource_type}));
+            assert_eq!(part["part"][1], json!({"name": "url", "valueUrl": input.url}));
+            assert_eq!(part["part"][2], json!({"name": "mode", "valueCode": "merge"}));
         }
     }
 }

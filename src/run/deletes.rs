@@ -75,6 +75,10 @@ struct Applier<'a> {
     only: BTreeSet<String>,
     /// Where the deletions are being read from.
     source: Option<DeletionSource>,
+    /// Pathling cannot delete single resources (7.x): confirmed deletions are counted per type here
+    /// instead of sent.
+    cannot_delete: bool,
+    unsent: BTreeMap<String, i64>,
 }
 
 impl Applier<'_> {
@@ -93,6 +97,12 @@ impl Applier<'_> {
             self.tally.unchecked += split.unknown.len() as i64;
             let targets: Vec<(String, String)> =
                 split.absent.into_iter().chain(split.unknown).map(|id| (t.clone(), id)).collect();
+            if self.cannot_delete {
+                if !targets.is_empty() {
+                    *self.unsent.entry(t.clone()).or_default() += targets.len() as i64;
+                }
+                continue;
+            }
             self.tally.applied +=
                 delete_all(&self.engine.setup.pathling, targets).await.map_err(|e| Stop::Http(Peer::Target, e))?;
         }
@@ -237,9 +247,25 @@ impl Engine {
             tally: Tally::default(),
             only: self.setup.export.types.iter().cloned().collect(),
             source: None,
+            cannot_delete: false,
+            unsent: BTreeMap::new(),
         };
+        if self.setup.apply_deletes {
+            match self.setup.pathling.generation().await {
+                Ok(d) => a.cannot_delete = !d.generation.deletes(),
+                Err(e) => {
+                    let at = Attempt {
+                        what: "reading Pathling's generation",
+                        peer: Peer::Target,
+                        reason: Reason::ImportFailed,
+                        first_contact: false,
+                    };
+                    return self.on_error(st, mem, at, &e);
+                }
+            }
+        }
         let found = self.find_and_apply(&mut a).await;
-        let (t, used) = (a.tally, a.source);
+        let (t, used, unsent) = (a.tally, a.source, std::mem::take(&mut a.unsent));
         let (source, incomplete) = match found {
             Ok(s) => {
                 mem.streaks.ok();
@@ -269,7 +295,22 @@ impl Engine {
         };
         st.deleted = t.applied;
         st.deletion_source = Some(source);
-        st.deletions_incomplete = incomplete.is_some();
+        st.deletions_incomplete = incomplete.is_some() || !unsent.is_empty();
+        if !unsent.is_empty() {
+            let n: i64 = unsent.values().sum();
+            let per: Vec<String> = unsent.iter().map(|(t, k)| format!("{t}: {k}")).collect();
+            degrade(
+                st,
+                "DeletionsUnsupported",
+                &format!(
+                    "Pathling Server 7.x has no DELETE: {n} resources deleted at the source ({}) are still in Pathling, and \
+                     the watermark does not move past this run's _since until they are gone. To remove them, import those \
+                     types in full once with target.saveMode: overwrite and incremental: false; or set \
+                     target.applyDeletes: false to keep them",
+                    per.join(", ")
+                ),
+            );
+        }
         if t.malformed > 0 {
             tracing::warn!(run = %self.id, malformed = t.malformed, "deletion entries that are not Type/id were skipped");
         }

@@ -35,13 +35,26 @@ impl Engine {
         if self.setup.staging.is_none() {
             return self.import(st, mem, progress).await; // pingAndPull: Pathling exports itself
         }
-        // a wrong Pathling URL fails in seconds, before anything is exported
+        // a wrong Pathling URL fails in seconds, before anything is exported; its generation is
+        // known from here on (what a run can do there is decided before anything is sent)
         if !mem.target_checked {
             let http = self.setup.pathling.http();
-            match crate::fhir::capabilities::read(http).await {
-                Ok(_) => {
+            match self.setup.pathling.generation().await {
+                Ok(d) => {
                     mem.streaks.ok();
                     mem.target_checked = true;
+                    tracing::debug!(run = %self.id, generation = d.generation.name(), why = %d.why, "Pathling's generation");
+                    if self.setup.verify.is_some() && !d.generation.exports() {
+                        return Err(Failure::new(
+                            Reason::VerifyFailed,
+                            format!(
+                                "{} ({}) cannot export its own data, which a verification compares against the source: \
+                                 remove spec.verify for this target",
+                                d.generation.name(),
+                                d.why
+                            ),
+                        ));
+                    }
                 }
                 Err(e) => {
                     let a = Attempt {

@@ -11,7 +11,7 @@ use super::policy::{Attempt, Class, Peer, classify};
 use super::{Engine, Failure, Memory, Next, Reason, now};
 use crate::api::{BulkExportRunStatus, Phase};
 use crate::fhir::retry::backoff;
-use crate::pathling::{ImportInput, JobPoll, PnpRequest};
+use crate::pathling::{ImportInput, ImportResult, JobPoll, PnpRequest, Submitted};
 
 /// `$job` answers "unknown job" this often in a row before the run fails (Pathling keeps jobs in
 /// memory: one loss is a restart, a loss every time is a broken Pathling or a wrong URL).
@@ -58,6 +58,42 @@ impl Engine {
             .collect())
     }
 
+    /// A finished import: counted only when it is the import of every staged file. Pathling 3
+    /// lists each input it read; Pathling 7 lists none, so its import is taken as the whole request
+    /// it answered — and read back by the verification, not here.
+    async fn imported(
+        &self,
+        st: &mut BulkExportRunStatus,
+        mem: &mut Memory,
+        result: ImportResult,
+    ) -> Result<Next, Failure> {
+        mem.lost_jobs = 0;
+        mem.waiting_since = None;
+        if self.setup.staging.is_some() && result.lists_inputs {
+            let inputs = self.staged_inputs(st).await?;
+            let listed: BTreeSet<&str> = result.input_urls.iter().map(String::as_str).collect();
+            let missing: Vec<&str> = inputs.iter().map(|i| i.url.as_str()).filter(|u| !listed.contains(u)).collect();
+            if !missing.is_empty() {
+                return Err(Failure::new(
+                    Reason::ImportFailed,
+                    format!(
+                        "Pathling's import result does not list {} of the {} staged files (first: {}); nothing is counted as imported",
+                        missing.len(),
+                        inputs.len(),
+                        crate::text::redact_str(missing[0])
+                    ),
+                ));
+            }
+        }
+        st.import_job_url = None;
+        st.poll_attempts = 0;
+        st.progress = Some("import complete".into());
+        st.message = Some("import complete".into());
+        mem.pathling_lock = None;
+        st.phase = Phase::Deleting;
+        Ok(Next::Continue)
+    }
+
     /// Importing: one submit or one poll.
     pub(super) async fn import(
         &self,
@@ -89,7 +125,7 @@ impl Engine {
                     type_filters: self.setup.export.type_filters.clone(),
                     elements: self.setup.export.elements.clone(),
                 };
-                pathling.import_pnp(&req).await
+                pathling.import_pnp(&req).await.map(Submitted::Job)
             } else {
                 let inputs = self.staged_inputs(st).await?;
                 if inputs.is_empty() {
@@ -101,7 +137,11 @@ impl Engine {
                 pathling.import(&inputs, &self.setup.save_mode).await
             };
             return match submitted {
-                Ok(job_url) => {
+                Ok(Submitted::Done(result)) => {
+                    mem.streaks.ok();
+                    self.imported(st, mem, result).await
+                }
+                Ok(Submitted::Job(job_url)) => {
                     mem.streaks.ok();
                     st.import_job_url = Some(job_url);
                     st.poll_attempts = 0;
@@ -132,32 +172,7 @@ impl Engine {
             }
             Ok(JobPoll::Done(result)) => {
                 mem.streaks.ok();
-                mem.lost_jobs = 0;
-                mem.waiting_since = None;
-                if !pnp {
-                    let inputs = self.staged_inputs(st).await?;
-                    let listed: BTreeSet<&str> = result.input_urls.iter().map(String::as_str).collect();
-                    let missing: Vec<&str> =
-                        inputs.iter().map(|i| i.url.as_str()).filter(|u| !listed.contains(u)).collect();
-                    if !missing.is_empty() {
-                        return Err(Failure::new(
-                            Reason::ImportFailed,
-                            format!(
-                                "Pathling's import result does not list {} of the {} staged files (first: {}); nothing is counted as imported",
-                                missing.len(),
-                                inputs.len(),
-                                crate::text::redact_str(missing[0])
-                            ),
-                        ));
-                    }
-                }
-                st.import_job_url = None;
-                st.poll_attempts = 0;
-                st.progress = Some("import complete".into());
-                st.message = Some("import complete".into());
-                mem.pathling_lock = None;
-                st.phase = Phase::Deleting;
-                Ok(Next::Continue)
+                self.imported(st, mem, result).await
             }
             Ok(JobPoll::Lost) => {
                 mem.lost_jobs += 1;

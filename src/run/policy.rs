@@ -87,7 +87,10 @@ pub fn classify(e: &HttpError) -> Class {
         HttpError::Status { transient: true, .. } => Class::Transient,
         HttpError::Status { .. } => Class::Permanent,
         HttpError::Auth(crate::auth::AuthError::TokenEndpoint { .. }) | HttpError::Auth(_) => Class::Auth,
-        HttpError::Protocol { .. } | HttpError::TooLarge { .. } | HttpError::Refused { .. } => Class::Permanent,
+        HttpError::Protocol { .. }
+        | HttpError::TooLarge { .. }
+        | HttpError::Refused { .. }
+        | HttpError::Unsupported { .. } => Class::Permanent,
         HttpError::Config(_) => Class::Invalid,
     }
 }

@@ -106,6 +106,37 @@ async fn metadata(http: &HttpClient) -> Result<Capabilities, HttpError> {
     }
 }
 
+/// Which Pathling generation the target is, what fhirsync does there, and what it cannot do.
+fn generation(t: &RunTemplate, c: &Capabilities, ping_and_pull: bool) -> Finding {
+    use crate::api::PathlingGeneration;
+    use crate::pathling::{Generation, dialect};
+    const CHECK: &str = "Pathling generation";
+    let detected = dialect::detect(c);
+    let (g, why) = match t.target.pathling_generation {
+        PathlingGeneration::Auto => (detected.generation, detected.why.clone()),
+        PathlingGeneration::V7 => (Generation::V7, "target.pathlingGeneration".to_string()),
+        PathlingGeneration::V3 => (Generation::V3, "target.pathlingGeneration".to_string()),
+    };
+    if ping_and_pull && !g.ping_and_pull() {
+        return fail(
+            CHECK,
+            "PingAndPullUnsupported",
+            format!("{} ({why}) has no $import-pnp", g.name()),
+            "remove spec.target.pingAndPull and give the sync a staging area",
+        );
+    }
+    let mut detail = format!("{} ({why}): {}", g.name(), g.abilities());
+    if !g.deletes() && t.target.apply_deletes {
+        detail.push_str(
+            "; deletions found at the source cannot be sent: each run that finds some says so (DeletionsUnsupported) and holds the watermark",
+        );
+    }
+    if detected.guessed && t.target.pathling_generation == PathlingGeneration::Auto {
+        return fail(CHECK, "ImportUnsupported", detail, "set spec.target.pathlingGeneration: V7 or V3");
+    }
+    pass(CHECK, detail)
+}
+
 /// Checks a server's credentials: a token can be obtained (OAuth), and it is accepted.
 async fn credentials(http: &HttpClient, field: &'static str, check: &'static str, out: &mut Vec<Finding>) {
     match tokio::time::timeout(CHECK_TIMEOUT, http.authorize()).await {
@@ -187,6 +218,7 @@ pub async fn preflight(
     match metadata(http).await {
         Ok(c) => {
             out.push(pass("Pathling answers", format!("{} at {}", c.describe(), crate::text::redact(http.base()))));
+            out.push(generation(t, &c, ping_and_pull));
             let op = if ping_and_pull { "import-pnp" } else { "import" };
             if c.operations.contains(op) {
                 let verify = if c.operations.contains("export") { "; $export too (drift verification)" } else { "" };

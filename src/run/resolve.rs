@@ -313,7 +313,7 @@ pub async fn setup(
     };
     Ok(RunSetup {
         source: BulkClient::new(src.client),
-        pathling: PathlingClient::new(tgt.client),
+        pathling: PathlingClient::new(tgt.client).with_generation(generation(t.target.pathling_generation)),
         staging,
         export,
         since: if verify.is_some() { None } else { since },
@@ -328,6 +328,17 @@ pub async fn setup(
         insecure_tls: src.insecure || tgt.insecure,
         verify: verify.cloned(),
     })
+}
+
+/// The generation the spec names (`None`: read it from Pathling).
+pub fn generation(g: crate::api::PathlingGeneration) -> Option<crate::pathling::Generation> {
+    use crate::api::PathlingGeneration;
+    use crate::pathling::Generation;
+    match g {
+        PathlingGeneration::Auto => None,
+        PathlingGeneration::V7 => Some(Generation::V7),
+        PathlingGeneration::V3 => Some(Generation::V3),
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,11 @@
 //! A Pathling server emulator written for the tests: `$import` / `$job` / `$import-pnp` / `PUT` /
 //! `DELETE`, checking the request shapes Pathling's code accepts (Prefer: respond-async, Parameters with
 //! valueCode/valueUrl, explicit saveMode, `.ndjson` URLs under allowable sources), one import at a time
-//! (503 for a concurrent one), and a 404 for a job it lost.
+//! (503 for a concurrent one), and a 404 for a job it lost. With `v7`, it speaks Pathling Server 7.2 as
+//! the real one was observed to (tests/peers/pathling/FINDINGS.md): `source` parts whose `mode` is
+//! read only as a valueCode (else **overwrite**), a 3.0-style body refused, asynchronous jobs keyed by
+//! URL (a second body at the same URL gets the first job), imports queued rather than refused, a
+//! finished job answered with an OperationOutcome, and no DELETE.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -54,6 +58,8 @@ pub struct PathlingConfig {
     /// A batch or PUT containing one of these ids fails whole with 400 (a resource Pathling cannot
     /// encode).
     pub reject_ids: Vec<String>,
+    /// Speak Pathling Server 7.2 instead of 3.0.
+    pub v7: bool,
 }
 
 /// A received `$import`.
@@ -105,6 +111,8 @@ struct Inner {
     /// type → id → resource
     data: BTreeMap<String, BTreeMap<String, Value>>,
     exports: super::pathling_export::Exports,
+    /// 7.2: the job each `$import` URL (with its query) was first given.
+    v7_jobs_by_url: HashMap<String, String>,
 }
 
 /// A running emulator.
@@ -133,6 +141,7 @@ impl FakePathling {
                 next: 0,
                 data: BTreeMap::new(),
                 exports: Default::default(),
+                v7_jobs_by_url: HashMap::new(),
             })),
             changed,
             base: format!("http://{addr}/fhir"),
@@ -255,9 +264,59 @@ fn parse_import(body: &[u8]) -> Result<ImportRecord, String> {
     Ok(rec)
 }
 
+/// Pathling 7.2's `$import` body: `source` parts; a `mode` that is not a valueCode is ignored, and
+/// the default is overwrite.
+fn parse_import_v7(body: &[u8]) -> Result<ImportRecord, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    let mut rec = ImportRecord { save_mode: String::new(), input_format: "ndjson".into(), inputs: vec![] };
+    for p in v["parameter"].as_array().into_iter().flatten().filter(|p| p["name"] == "source") {
+        let parts = p["part"].as_array().ok_or("source without parts")?;
+        let get = |n: &str, ty: &str| parts.iter().find(|x| x["name"] == n).and_then(|x| x[ty].as_str());
+        let t = get("resourceType", "valueCode").ok_or("500: resourceType must be a valueCode")?;
+        let u = get("url", "valueUrl").ok_or("500: url must be a valueUrl")?;
+        let mode = get("mode", "valueCode").unwrap_or("overwrite");
+        if rec.save_mode.is_empty() {
+            rec.save_mode = mode.into();
+        } else if rec.save_mode != mode {
+            return Err("the emulator takes one mode per request".into());
+        }
+        rec.inputs.push((t.into(), u.into()));
+    }
+    if rec.inputs.is_empty() {
+        return Err("Must provide at least one source parameter".into());
+    }
+    Ok(rec)
+}
+
+fn v7_done() -> String {
+    json!({"resourceType":"OperationOutcome","issue":[{"severity":"information","code":"informational",
+        "diagnostics":"Data import completed successfully"}]})
+    .to_string()
+}
+
 async fn metadata(State(s): State<FakePathling>) -> Response {
-    s.inner.lock().unwrap().log.metadata_reads += 1;
+    let v7 = {
+        let mut i = s.inner.lock().unwrap();
+        i.log.metadata_reads += 1;
+        i.cfg.v7
+    };
     s.touch();
+    if v7 {
+        let types: Vec<Value> = ["Patient", "Observation", "Condition"]
+            .iter()
+            .map(|t| {
+                json!({"type": t, "interaction": [{"code": "search-type"}, {"code": "create"}, {"code": "update"}],
+                            "operation": [{"name": "aggregate"}, {"name": "extract"}, {"name": "fhirPath"}]})
+            })
+            .collect();
+        let cs = json!({"resourceType": "CapabilityStatement", "fhirVersion": "4.0.1", "status": "active", "kind": "instance",
+            "url": "https://pathling.csiro.au/fhir/CapabilityStatement/pathling-fhir-api-7",
+            "software": {"name": "Pathling", "version": "7.2.0+1ec7c05"},
+            "rest": [{"mode": "server", "resource": types,
+                      "operation": [{"name": "import"}, {"name": "result"}, {"name": "job"}],
+                      "interaction": [{"code": "batch"}]}]});
+        return (StatusCode::OK, [(header::CONTENT_TYPE, "application/fhir+json")], cs.to_string()).into_response();
+    }
     let cs = json!({"resourceType": "CapabilityStatement", "fhirVersion": "4.0.1", "status": "active", "kind": "instance",
         "software": {"name": "Pathling", "version": "3.0.0"},
         "rest": [{"mode": "server", "operation": [{"name": "import"}, {"name": "export"}, {"name": "job"}],
@@ -265,12 +324,14 @@ async fn metadata(State(s): State<FakePathling>) -> Response {
     (StatusCode::OK, [(header::CONTENT_TYPE, "application/fhir+json")], cs.to_string()).into_response()
 }
 
-async fn import(State(s): State<FakePathling>, headers: HeaderMap, body: Bytes) -> Response {
+async fn import(State(s): State<FakePathling>, uri: axum::http::Uri, headers: HeaderMap, body: Bytes) -> Response {
     let r = {
         let mut i = s.inner.lock().unwrap();
         i.log.import_posts += 1;
         if let Some(r) = check_auth(&i, &headers) {
             r
+        } else if i.cfg.v7 {
+            import_v7(&mut i, &s.base, &uri, &headers, &body)
         } else if let Some(code) = i.cfg.import_status_forever {
             (StatusCode::from_u16(code).unwrap(), oo("exception", "internal error")).into_response()
         } else if headers.get("prefer").and_then(|v| v.to_str().ok()) != Some("respond-async") {
@@ -306,6 +367,46 @@ async fn import(State(s): State<FakePathling>, headers: HeaderMap, body: Bytes) 
     };
     s.touch();
     r
+}
+
+/// Pathling 7.2's `$import`: asynchronous only with exactly `Prefer: respond-async` (else done at
+/// once), jobs keyed by URL, imports queued.
+fn import_v7(i: &mut Inner, base: &str, uri: &axum::http::Uri, headers: &HeaderMap, body: &[u8]) -> Response {
+    let rec = match parse_import_v7(body) {
+        Ok(r) => r,
+        Err(e) => {
+            i.log.rejected.push(e.clone());
+            let code = if e.starts_with("500") { StatusCode::INTERNAL_SERVER_ERROR } else { StatusCode::BAD_REQUEST };
+            return (code, oo("invalid", &e)).into_response();
+        }
+    };
+    let asynchronous = headers.get("prefer").and_then(|v| v.to_str().ok()) == Some("respond-async");
+    if !asynchronous {
+        i.log.imports.push(rec.clone());
+        return match apply_import(i, &rec) {
+            Ok(()) => {
+                i.log.completed_imports += 1;
+                (StatusCode::OK, v7_done()).into_response()
+            }
+            Err((code, msg)) => (StatusCode::from_u16(code).unwrap(), oo("processing", &msg)).into_response(),
+        };
+    }
+    let key = uri.to_string();
+    let id = match i.v7_jobs_by_url.get(&key) {
+        // the same URL and headers: the first job, whatever this body says
+        Some(id) => id.clone(),
+        None => {
+            i.next += 1;
+            let id = format!("j{}", i.next);
+            i.log.imports.push(rec.clone());
+            i.running += 1;
+            i.log.max_concurrent_imports = i.log.max_concurrent_imports.max(i.running);
+            i.jobs.insert(id.clone(), Job { polls: 0, import: rec, busy: false });
+            i.v7_jobs_by_url.insert(key, id.clone());
+            id
+        }
+    };
+    (StatusCode::ACCEPTED, [(header::CONTENT_LOCATION, format!("{base}/$job?id={id}"))], "").into_response()
 }
 
 async fn import_pnp(State(s): State<FakePathling>, headers: HeaderMap, body: Bytes) -> Response {
@@ -423,6 +524,10 @@ async fn job(State(s): State<FakePathling>, Query(q): Query<JobQ>, headers: Head
                         i.jobs.remove(&q.id);
                         i.running = i.running.saturating_sub(1);
                         match applied {
+                            Ok(()) if i.cfg.v7 => {
+                                i.log.completed_imports += 1;
+                                (StatusCode::OK, v7_done()).into_response()
+                            }
                             Ok(()) => {
                                 i.log.completed_imports += 1;
                                 let out: Vec<_> = rec
@@ -637,6 +742,9 @@ async fn delete_resource(
         let mut i = s.inner.lock().unwrap();
         if let Some(r) = check_auth(&i, &headers).or(refused) {
             r
+        } else if i.cfg.v7 {
+            i.log.rejected.push(format!("DELETE {t}/{id}"));
+            (StatusCode::BAD_REQUEST, oo("not-supported", "Operation is not supported")).into_response()
         } else {
             i.log.resource_deletes.push(format!("{t}/{id}"));
             match i.data.get_mut(&t).and_then(|m| m.remove(&id)) {
