@@ -247,9 +247,12 @@ impl BulkClient {
     /// Sends the kick-off request (`Prefer: respond-async`); returns the status URL.
     pub async fn kickoff(&self, req: &ExportRequest) -> Result<String, Error> {
         let url = req.url(&self.http);
+        // `no-cache`: HAPI hands an identical kick-off an earlier job still running, whose window
+        // may not be this run's
         let r = Request::new(Method::GET, url.clone())
             .header(ACCEPT, "application/fhir+json")
-            .header(prefer(), "respond-async");
+            .header(prefer(), "respond-async")
+            .header(reqwest::header::CACHE_CONTROL, "no-cache");
         let resp = self.http.send(r).await?;
         if matches!(resp.status(), StatusCode::METHOD_NOT_ALLOWED | StatusCode::URI_TOO_LONG) {
             // POST-only servers (Bulk Data STU4) and very long _typeFilter lists: the same request as
@@ -260,6 +263,7 @@ impl BulkClient {
                 .header(ACCEPT, "application/fhir+json")
                 .header(CONTENT_TYPE, "application/fhir+json")
                 .header(prefer(), "respond-async")
+                .header(reqwest::header::CACHE_CONTROL, "no-cache")
                 .body(serde_json::to_vec(&req.parameters()).unwrap_or_default());
             let resp = self.http.send(r).await?;
             return kickoff_answer(&url, Method::POST, resp).await;

@@ -41,7 +41,15 @@ pub async fn search_ids(http: &HttpClient, resource_type: &str, ids: &[String]) 
         .append_pair("_id", &ids.join(","))
         .append_pair("_count", &(ids.len().max(1) * 2).to_string())
         .append_pair("_elements", "id");
-    let resp = http.send(Request::new(Method::GET, url.clone()).header(ACCEPT, "application/fhir+json")).await?;
+    // HAPI answers a search repeated within 60 s from its cache: a resource deleted (or re-created)
+    // moments ago would look as it was. Whether it exists now is what the caller acts on.
+    let resp = http
+        .send(
+            Request::new(Method::GET, url.clone())
+                .header(ACCEPT, "application/fhir+json")
+                .header(reqwest::header::CACHE_CONTROL, "no-cache"),
+        )
+        .await?;
     let status = resp.status();
     if status != StatusCode::OK {
         let e = Error::from_response(&Method::GET, resp).await;
