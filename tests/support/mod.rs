@@ -5,6 +5,7 @@ pub mod cli;
 pub mod cluster;
 pub mod engine;
 pub mod fhir_server;
+pub mod hapi;
 pub mod helios;
 pub mod pathling;
 pub mod pathling_export;

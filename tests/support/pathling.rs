@@ -178,6 +178,11 @@ impl FakePathling {
         self.inner.lock().unwrap().data.get(t).map(|m| m.keys().cloned().collect()).unwrap_or_default()
     }
 
+    /// One stored resource.
+    pub fn get(&self, t: &str, id: &str) -> Option<Value> {
+        self.inner.lock().unwrap().data.get(t).and_then(|m| m.get(id)).cloned()
+    }
+
     /// Resources stored per type.
     pub fn counts(&self) -> BTreeMap<String, usize> {
         self.inner.lock().unwrap().data.iter().map(|(k, v)| (k.clone(), v.len())).collect()

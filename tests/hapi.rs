@@ -1,0 +1,71 @@
+//! Against a real HAPI FHIR JPA server (8.8.0, built from HAPI's libraries: tests/peers/hapi) as the
+//! source of `fhirsync sync-once`; the target is the Pathling 3 emulator (real Pathling cannot be
+//! had from Maven Central here). A full sync, then creates, updates and deletes at HAPI and an
+//! incremental sync: Pathling holds exactly the ids HAPI holds. HAPI lists no `deleted[]`, so the
+//! deletions come from its `_history` (entries `request.url` `Type/id/_history/N`, status 200).
+
+mod support;
+
+use std::collections::BTreeSet;
+
+use serde_json::json;
+use support::cli::{Cli, s};
+use support::hapi::Hapi;
+use support::source::SourceConfig;
+
+fn patients(prefix: &str, n: usize) -> Vec<serde_json::Value> {
+    // HAPI wants client ids with a letter in them
+    (0..n).map(|k| json!({"resourceType": "Patient", "id": format!("{prefix}{k}"), "active": true})).collect()
+}
+
+#[tokio::test]
+async fn full_then_incremental_sync_from_hapi_keeps_pathling_equal_deletes_included() {
+    // HAPI's own testing switch: batch jobs move on at once instead of once a minute
+    let hapi = Hapi::start(&["--testpeer.job-fast-tracking=true"]).await;
+    hapi.put(&patients("p", 30)).await;
+    let c = Cli::with(SourceConfig::default(), support::pathling::PathlingConfig::default()).await;
+    let yaml = format!(
+        "apiVersion: fhirsync.io/v1alpha1\nkind: BulkExportSync\nmetadata: {{name: hapi, namespace: cli}}\nspec:\n  \
+         source: {{url: \"{}\", maxPollInterval: 2s}}\n  export: {{types: [Patient]}}\n  \
+         target: {{url: \"{}\"}}\n  sinceOverlap: 0s\n  runTimeout: 15m\n  \
+         staging: {{volume: {{path: \"{}\", pathlingPath: \"file:///staging\"}}}}\n",
+        hapi.base,
+        c.pathling.base,
+        c.dir.path().join("staging").display()
+    );
+    let f = c.dir.path().join("hapi.yaml");
+    std::fs::write(&f, yaml).unwrap();
+    let args: Vec<String> =
+        vec!["sync-once".into(), "-f".into(), s(&f), "--state".into(), s(&c.state()), "--output".into(), "json".into()];
+    let run = || async {
+        let out = c.run(args.clone()).await;
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(0), "{err}\nHAPI:\n{}", hapi.log());
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let equal = || async {
+        let got: BTreeSet<String> = c.pathling.ids("Patient").into_iter().collect();
+        assert_eq!(got, hapi.ids("Patient").await, "Pathling's Patients differ from HAPI's");
+    };
+
+    let first = run().await;
+    assert_eq!(first["totalResources"], 30, "{first}");
+    equal().await;
+
+    // at HAPI: creates, an update, deletes, and a delete followed by a re-create
+    hapi.put(&patients("new", 2)).await;
+    hapi.put(&[json!({"resourceType": "Patient", "id": "p1", "active": false})]).await;
+    for id in ["p2", "p3", "p4"] {
+        hapi.delete("Patient", id).await;
+    }
+    hapi.put(&[json!({"resourceType": "Patient", "id": "p4", "active": true, "gender": "other"})]).await;
+
+    let second = run().await;
+    assert!(second["since"].is_string(), "incremental: {second}");
+    assert_eq!(second["deletionSource"], "History", "HAPI lists no deleted[]: {second}");
+    assert_eq!(second["deleted"], 2, "p2 and p3; p4 was re-created: {second}");
+    equal().await;
+    assert_eq!(second["totalResources"], 4, "2 new, 1 updated, 1 re-created: {second}");
+    let p1 = c.pathling.get("Patient", "p1").expect("p1");
+    assert_eq!(p1["active"], false, "the update reached Pathling");
+}
