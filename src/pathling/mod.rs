@@ -190,13 +190,7 @@ impl PathlingClient {
     async fn submit_v7(&self, body: Vec<u8>) -> Result<Submitted, Error> {
         let mut url = self.http.url("$import");
         url.query_pairs_mut().append_pair("nonce", &uuid::Uuid::new_v4().simple().to_string());
-        let r = prefer_async(
-            Request::new(Method::POST, url.clone())
-                .header(ACCEPT, "application/fhir+json")
-                .header(CONTENT_TYPE, "application/fhir+json")
-                .body(body),
-        );
-        let resp = self.http.send(r).await?;
+        let resp = self.post_async(&url, body).await?;
         match resp.status() {
             StatusCode::ACCEPTED => job_location(&url, &resp, "$import").map(Submitted::Job),
             StatusCode::OK => {
@@ -215,15 +209,20 @@ impl PathlingClient {
         self.submit("$import-pnp", serde_json::to_vec(&Self::pnp_body(req)).unwrap_or_default()).await
     }
 
-    async fn submit(&self, op: &str, body: Vec<u8>) -> Result<String, Error> {
-        let url = self.http.url(op);
+    /// POSTs a Parameters body asking for an asynchronous answer.
+    async fn post_async(&self, url: &Url, body: Vec<u8>) -> Result<reqwest::Response, Error> {
         let r = prefer_async(
             Request::new(Method::POST, url.clone())
                 .header(ACCEPT, "application/fhir+json")
                 .header(CONTENT_TYPE, "application/fhir+json")
                 .body(body),
         );
-        let resp = self.http.send(r).await?;
+        self.http.send(r).await
+    }
+
+    async fn submit(&self, op: &str, body: Vec<u8>) -> Result<String, Error> {
+        let url = self.http.url(op);
+        let resp = self.post_async(&url, body).await?;
         if resp.status() == StatusCode::ACCEPTED {
             return job_location(&url, &resp, op);
         }

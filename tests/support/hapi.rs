@@ -55,16 +55,9 @@ impl Hapi {
         fhirsync::net::init_tls();
         let me = Self { child, base, dir, http: reqwest::Client::new() };
         // Spring starts for 1.5-3 minutes on 2 cores; the metadata endpoint answers once it is ready
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(400);
-        loop {
-            if let Ok(r) = me.http.get(format!("{}/metadata", me.base)).send().await
-                && r.status().is_success()
-            {
-                return me;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "HAPI did not start: {}", me.log());
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        let url = format!("{}/metadata", me.base);
+        super::real_server::wait_until_answers(&me.http, &url, Duration::from_secs(400), || me.log()).await;
+        me
     }
 
     /// HAPI's log so far (its last 4 KiB).
@@ -75,50 +68,17 @@ impl Hapi {
 
     /// Creates or updates resources (a transaction of PUTs).
     pub async fn put(&self, resources: &[Value]) {
-        let entries: Vec<Value> = resources
-            .iter()
-            .map(|r| {
-                let url = format!("{}/{}", r["resourceType"].as_str().unwrap(), r["id"].as_str().unwrap());
-                serde_json::json!({"resource": r, "request": {"method": "PUT", "url": url}})
-            })
-            .collect();
-        let bundle = serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
-        let r = self
-            .http
-            .post(&self.base)
-            .header("content-type", "application/fhir+json")
-            .body(bundle.to_string())
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "transaction: {} {}", r.status(), r.text().await.unwrap_or_default());
+        super::real_server::put(&self.http, &self.base, resources).await
     }
 
     /// Deletes one resource.
     pub async fn delete(&self, t: &str, id: &str) {
-        let r = self.http.delete(format!("{}/{t}/{id}", self.base)).send().await.unwrap();
-        assert!(r.status().is_success(), "DELETE {t}/{id}: {}", r.status());
+        super::real_server::delete(&self.http, &self.base, t, id).await
     }
 
-    /// The ids of `t` HAPI holds now (search past its cache, following next links).
+    /// The ids of `t` HAPI holds now (at most 50 per page is HAPI's cap).
     pub async fn ids(&self, t: &str) -> BTreeSet<String> {
-        let mut out = BTreeSet::new();
-        let mut url = Some(format!("{}/{t}?_count=50&_elements=id", self.base));
-        while let Some(u) = url.take() {
-            let b: Value =
-                self.http.get(&u).header("cache-control", "no-cache").send().await.unwrap().json().await.unwrap();
-            for e in b["entry"].as_array().into_iter().flatten() {
-                out.insert(e["resource"]["id"].as_str().unwrap().to_string());
-            }
-            url = b["link"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|l| l["relation"] == "next")
-                .and_then(|l| l["url"].as_str())
-                .map(str::to_string);
-        }
-        out
+        super::real_server::ids(&self.http, &self.base, t, 50).await
     }
 }
 

@@ -63,17 +63,10 @@ impl Helios {
             .expect("start hfs");
         fhirsync::net::init_tls();
         let me = Self { child, base, dir, http: reqwest::Client::new() };
-        // the port opens only once Helios is ready (seeding takes ~3 s); there is no event to await
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(r) = me.http.get(format!("{}/health", me.base)).send().await
-                && r.status().is_success()
-            {
-                return me;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "Helios did not start: {}", me.log());
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        // the port opens only once Helios is ready (seeding takes ~3 s)
+        let url = format!("{}/health", me.base);
+        super::real_server::wait_until_answers(&me.http, &url, Duration::from_secs(60), || me.log()).await;
+        me
     }
 
     /// Helios's log so far.
@@ -83,49 +76,17 @@ impl Helios {
 
     /// Creates or updates resources in one transaction of PUTs.
     pub async fn put(&self, resources: &[Value]) {
-        let entries: Vec<Value> = resources
-            .iter()
-            .map(|r| {
-                let url = format!("{}/{}", r["resourceType"].as_str().unwrap(), r["id"].as_str().unwrap());
-                json!({"resource": r, "request": {"method": "PUT", "url": url}})
-            })
-            .collect();
-        let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
-        let r = self
-            .http
-            .post(&self.base)
-            .header("content-type", "application/fhir+json")
-            .body(bundle.to_string())
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "transaction: {} {}", r.status(), r.text().await.unwrap_or_default());
+        super::real_server::put(&self.http, &self.base, resources).await
     }
 
     /// Deletes one resource.
     pub async fn delete(&self, t: &str, id: &str) {
-        let r = self.http.delete(format!("{}/{t}/{id}", self.base)).send().await.unwrap();
-        assert!(r.status().is_success(), "DELETE {t}/{id}: {}", r.status());
+        super::real_server::delete(&self.http, &self.base, t, id).await
     }
 
     /// The ids of `t` Helios holds now (search, following next links).
     pub async fn ids(&self, t: &str) -> BTreeSet<String> {
-        let mut out = BTreeSet::new();
-        let mut url = Some(format!("{}/{t}?_count=1000&_elements=id", self.base));
-        while let Some(u) = url.take() {
-            let b: Value = self.http.get(&u).send().await.unwrap().json().await.unwrap();
-            for e in b["entry"].as_array().into_iter().flatten() {
-                out.insert(e["resource"]["id"].as_str().unwrap().to_string());
-            }
-            url = b["link"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|l| l["relation"] == "next")
-                .and_then(|l| l["url"].as_str())
-                .map(str::to_string);
-        }
-        out
+        super::real_server::ids(&self.http, &self.base, t, 1000).await
     }
 }
 

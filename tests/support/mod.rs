@@ -9,6 +9,7 @@ pub mod hapi;
 pub mod helios;
 pub mod pathling;
 pub mod pathling_export;
+pub mod real_server;
 pub mod s3;
 pub mod smart;
 pub mod source;
