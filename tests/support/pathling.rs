@@ -214,6 +214,11 @@ impl FakePathling {
         }
     }
 
+    /// Changes with every request the emulator gets: subscribe, check, then await `changed()`.
+    pub fn requests(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
     fn touch(&self) {
         self.changed.send_modify(|n| *n += 1);
     }
