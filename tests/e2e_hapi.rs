@@ -1,8 +1,9 @@
 //! End to end: the founding document's push recipe with a real HAPI FHIR JPA server (8.8.0, from HAPI's
 //! libraries: tests/peers/hapi). `fhirsync run` on the test API server keeps rest-hook Subscriptions
 //! on HAPI that PUT every change straight into Pathling (`delivery: Direct`); the target is the
-//! Pathling 3 emulator (real Pathling cannot be had from Maven Central here). Creates, an update and
-//! a delete at HAPI reach Pathling; deleting the sync removes the Subscriptions from HAPI.
+//! Pathling 3 emulator (real Pathling cannot be had from Maven Central here) — and the same through
+//! fhirsync's relay (`delivery: Relay`). Creates, updates and deletes at HAPI reach Pathling both
+//! ways; deleting the syncs removes the Subscriptions from HAPI.
 
 mod support;
 
@@ -31,49 +32,84 @@ async fn holds(p: &FakePathling, t: &str, want: &[&str]) {
 }
 
 #[tokio::test]
-async fn hapi_pushes_changes_directly_into_pathling() {
+async fn hapi_pushes_changes_into_pathling_directly_and_through_the_relay() {
     let _g = SERIAL.lock().await;
     let hapi = Hapi::start(&[]).await;
     let client = cluster::client().await;
     cluster::install_crds(&client).await;
-    let ns = cluster::namespace("hapi-direct");
+    let ns = cluster::namespace("hapi-push");
     let api: Api<FhirSubscriptionSync> = Api::namespaced(client, &ns);
-    let pathling = FakePathling::start(PathlingConfig::default()).await;
+    // Patients go Direct into one Pathling; Observations through fhirsync's relay into another
+    let direct = FakePathling::start(PathlingConfig::default()).await;
+    let relayed = FakePathling::start(PathlingConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let _op = Operator::start(&ns, dir.path(), &[]);
-    let m = json!({"apiVersion": "fhirsync.io/v1alpha1", "kind": "FhirSubscriptionSync",
-        "metadata": {"name": "hapi", "namespace": ns},
-        "spec": {"source": {"url": hapi.base}, "criteria": ["Patient?", "Observation?"],
-                 "endpoint": pathling.base, "sendDeletes": true, "verifyInterval": "2s"}});
-    api.patch("hapi", &PatchParams::apply("e2e").force(), &Patch::Apply(&m)).await.unwrap();
+    let key = dir.path().join("relay.key");
+    std::fs::write(&key, "a relay key shared by every replica, 32 bytes or more").unwrap();
+    let receiver = format!("127.0.0.1:{}", cluster::free_port());
+    let url = format!("http://{receiver}");
+    let _op = Operator::start(
+        &ns,
+        dir.path(),
+        &["--receiver-addr", &receiver, "--receiver-url", &url, "--relay-key-file", &key.display().to_string()],
+    );
+    let fss = |name: &str, spec: serde_json::Value| {
+        json!({"apiVersion": "fhirsync.io/v1alpha1", "kind": "FhirSubscriptionSync",
+               "metadata": {"name": name, "namespace": ns}, "spec": spec})
+    };
+    let d = fss(
+        "direct",
+        json!({"source": {"url": hapi.base}, "criteria": ["Patient?"], "endpoint": direct.base,
+                                 "sendDeletes": true, "verifyInterval": "2s"}),
+    );
+    let r = fss(
+        "relay",
+        json!({"source": {"url": hapi.base}, "criteria": ["Observation?"], "delivery": "Relay",
+                                "target": {"url": relayed.base}, "sendDeletes": true, "verifyInterval": "2s"}),
+    );
+    for (name, m) in [("direct", &d), ("relay", &r)] {
+        api.patch(name, &PatchParams::apply("e2e").force(), &Patch::Apply(m)).await.unwrap();
+    }
     // HAPI turns Subscriptions active asynchronously (about 5 s)
-    let o = wait_for(&api, "hapi", 120, "both Subscriptions active at HAPI", |o| fss_all_active(o, 2)).await;
-    let uid = o.uid().unwrap();
+    let od = wait_for(&api, "direct", 120, "the Direct Subscription active", |o| fss_all_active(o, 1)).await;
+    let or = wait_for(&api, "relay", 120, "the Relay Subscription active", |o| fss_all_active(o, 1)).await;
 
     hapi.put(&[json!({"resourceType": "Patient", "id": "a1", "active": true})]).await;
     hapi.put(&[json!({"resourceType": "Observation", "id": "ob1", "status": "final",
                       "code": {"text": "weight"}, "subject": {"reference": "Patient/a1"}})])
         .await;
-    holds(&pathling, "Patient", &["a1"]).await;
-    holds(&pathling, "Observation", &["ob1"]).await;
+    holds(&direct, "Patient", &["a1"]).await;
+    holds(&relayed, "Observation", &["ob1"]).await;
+    assert!(relayed.ids("Patient").is_empty() && direct.ids("Observation").is_empty(), "each sync its own criteria");
 
-    // an update arrives as a PUT of the whole resource
+    // updates arrive as PUTs of the whole resource
     hapi.put(&[json!({"resourceType": "Patient", "id": "a1", "active": false})]).await;
-    let mut rx = pathling.requests();
+    hapi.put(&[json!({"resourceType": "Observation", "id": "ob1", "status": "amended",
+                      "code": {"text": "weight"}, "subject": {"reference": "Patient/a1"}})])
+        .await;
+    let mut rx = (direct.requests(), relayed.requests());
     let r = tokio::time::timeout(Duration::from_secs(90), async {
-        while pathling.get("Patient", "a1").is_none_or(|p| p["active"] != false) {
-            rx.changed().await.unwrap();
+        loop {
+            let a1 = direct.get("Patient", "a1").is_some_and(|p| p["active"] == false);
+            let ob1 = relayed.get("Observation", "ob1").is_some_and(|o| o["status"] == "amended");
+            if a1 && ob1 {
+                return;
+            }
+            tokio::select! { _ = rx.0.changed() => {}, _ = rx.1.changed() => {} }
         }
     })
     .await;
-    assert!(r.is_ok(), "the update never reached Pathling: {:?}", pathling.get("Patient", "a1"));
-    // a delete arrives (fhirsync sets HAPI's send-delete extension)
+    assert!(r.is_ok(), "updates: {:?} {:?}", direct.get("Patient", "a1"), relayed.get("Observation", "ob1"));
+    // deletes arrive (fhirsync sets HAPI's send-delete extension); HAPI keeps referential
+    // integrity: the Observation goes before the Patient it refers to
     hapi.delete("Observation", "ob1").await;
-    holds(&pathling, "Observation", &[]).await;
-    assert_eq!(pathling.ids("Patient"), hapi.ids("Patient").await.into_iter().collect::<Vec<_>>());
+    hapi.delete("Patient", "a1").await;
+    holds(&direct, "Patient", &[]).await;
+    holds(&relayed, "Observation", &[]).await;
 
-    // deleting the sync removes its Subscriptions from HAPI
-    api.delete("hapi", &DeleteParams::default()).await.unwrap();
-    wait_deleted(&api, "hapi", &uid, 60).await;
+    // deleting the syncs removes their Subscriptions from HAPI
+    for (name, o) in [("direct", &od), ("relay", &or)] {
+        api.delete(name, &DeleteParams::default()).await.unwrap();
+        wait_deleted(&api, name, &o.uid().unwrap(), 60).await;
+    }
     assert!(hapi.ids("Subscription").await.is_empty(), "Subscriptions left at HAPI");
 }
