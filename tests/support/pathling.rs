@@ -362,12 +362,7 @@ async fn import(State(s): State<FakePathling>, uri: axum::http::Uri, headers: He
                         (StatusCode::SERVICE_UNAVAILABLE, oo("transient", "another import is in progress"))
                             .into_response()
                     } else {
-                        i.next += 1;
-                        let id = format!("j{}", i.next);
-                        i.log.imports.push(rec.clone());
-                        i.running += 1;
-                        i.log.max_concurrent_imports = i.log.max_concurrent_imports.max(i.running);
-                        i.jobs.insert(id.clone(), Job { polls: 0, import: rec, busy: false });
+                        let id = open_job(&mut i, rec);
                         let loc = format!("{}/$job?id={id}", s.base);
                         (StatusCode::ACCEPTED, [(header::CONTENT_LOCATION, loc)], "").into_response()
                     }
@@ -377,6 +372,17 @@ async fn import(State(s): State<FakePathling>, uri: axum::http::Uri, headers: He
     };
     s.touch();
     r
+}
+
+/// Records an import and starts its job; returns the job's id.
+fn open_job(i: &mut Inner, rec: ImportRecord) -> String {
+    i.next += 1;
+    let id = format!("j{}", i.next);
+    i.log.imports.push(rec.clone());
+    i.running += 1;
+    i.log.max_concurrent_imports = i.log.max_concurrent_imports.max(i.running);
+    i.jobs.insert(id.clone(), Job { polls: 0, import: rec, busy: false });
+    id
 }
 
 /// Pathling 7.2's `$import`: asynchronous only with exactly `Prefer: respond-async` (else done at
@@ -406,12 +412,7 @@ fn import_v7(i: &mut Inner, base: &str, uri: &axum::http::Uri, headers: &HeaderM
         // the same URL and headers: the first job, whatever this body says
         Some(id) => id.clone(),
         None => {
-            i.next += 1;
-            let id = format!("j{}", i.next);
-            i.log.imports.push(rec.clone());
-            i.running += 1;
-            i.log.max_concurrent_imports = i.log.max_concurrent_imports.max(i.running);
-            i.jobs.insert(id.clone(), Job { polls: 0, import: rec, busy: false });
+            let id = open_job(i, rec);
             i.v7_jobs_by_url.insert(key, id.clone());
             id
         }
