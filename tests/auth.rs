@@ -43,8 +43,9 @@ async fn smart_env(ttl: Duration, cfg: SourceConfig, key_file: &str, key_id: &st
 
 #[tokio::test]
 async fn smart_backend_services_export_outlives_several_tokens() {
-    // tokens live 2 s; the export polls for ~4 s and downloads 8 files, 3 at a time
-    let cfg = SourceConfig { polls_before_done: 4, poll_retry_after: Some("1".into()), ..data(8) };
+    // tokens live 2 s; the export polls for ~5.5 s (0.1, 0.2, 0.4, 0.8 s, then Retry-After's 1 s)
+    // and downloads 8 files, 3 at a time
+    let cfg = SourceConfig { polls_before_done: 8, poll_retry_after: Some("1".into()), ..data(8) };
     let (env, auth) = smart_env(Duration::from_secs(2), cfg, "rsa-pkcs8.pem", "rsa-1", true).await;
     let mut st = fhirsync::api::BulkExportRunStatus::default();
     // real time here: token lifetimes must really pass

@@ -264,7 +264,7 @@ pub struct BulkExportRunStatus {
     /// Pathling's `$job` URL of the import.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub import_job_url: Option<String>,
-    /// Consecutive status polls that came without Retry-After (drives exponential backoff).
+    /// Polls of the current asynchronous job so far (they start early and back off).
     #[serde(default)]
     pub poll_attempts: u32,
     /// The export was released on the source (`DELETE` of its status URL) after its files were staged.

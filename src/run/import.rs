@@ -68,7 +68,7 @@ impl Engine {
         result: ImportResult,
     ) -> Result<Next, Failure> {
         mem.lost_jobs = 0;
-        mem.waiting_since = None;
+        mem.start_waiting();
         if self.setup.staging.is_some() && result.lists_inputs {
             let inputs = self.staged_inputs(st).await?;
             let listed: BTreeSet<&str> = result.input_urls.iter().map(String::as_str).collect();
@@ -144,12 +144,11 @@ impl Engine {
                 Ok(Submitted::Job(job_url)) => {
                     mem.streaks.ok();
                     st.import_job_url = Some(job_url);
-                    st.poll_attempts = 0;
                     st.queue_position = None;
                     st.message = Some("import submitted to Pathling".into());
-                    mem.waiting_since = Some(std::time::Instant::now());
                     // Pathling holds its one import slot meanwhile: look early
-                    Ok(Next::Wait(self.scaled(Duration::from_millis(250))))
+                    mem.start_waiting();
+                    Ok(Next::Wait(self.poll_wait(st, mem, None, self.setup.values.target.max_poll)))
                 }
                 Err(e) => {
                     let a = Attempt {
@@ -165,10 +164,9 @@ impl Engine {
         match pathling.poll_job(&job).await {
             Ok(JobPoll::Running { progress, wait }) => {
                 mem.streaks.ok();
-                st.poll_attempts = if wait.is_some() { 0 } else { st.poll_attempts.saturating_add(1) };
                 st.progress = Some(format!("import: {}", progress.unwrap_or_else(|| "running".into())));
                 st.message = Some("Pathling is importing".into());
-                Ok(Next::Wait(self.poll_wait(mem, wait, st.poll_attempts, self.setup.values.target.max_poll)))
+                Ok(Next::Wait(self.poll_wait(st, mem, wait, self.setup.values.target.max_poll)))
             }
             Ok(JobPoll::Done(result)) => {
                 mem.streaks.ok();

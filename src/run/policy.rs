@@ -210,13 +210,18 @@ pub fn decide(a: Attempt<'_>, e: &HttpError, streaks: &mut Streaks) -> Decision 
     }
 }
 
-/// The wait before the next poll of an asynchronous job. The server's `Retry-After` (or, without
-/// one, exponential backoff from 1 s) is honoured, but never below 1/50 of the time already spent
-/// waiting — so a job that never ends costs a number of polls that grows with the log of its
-/// duration, whatever the server says — and never above the user's `maxPollInterval`.
-pub fn poll_wait(server: Option<Duration>, attempts: u32, waited: Duration, max: Duration) -> Duration {
-    let base = server.unwrap_or_else(|| backoff(attempts, Duration::from_secs(1), Duration::from_secs(60)));
-    base.max(waited / 50).clamp(Duration::from_secs(1), max.max(Duration::from_secs(1)))
+/// The first wait of a poll schedule.
+pub const EARLY_POLL: Duration = Duration::from_millis(100);
+
+/// The wait before poll number `polls` (0: the first after the kick-off or submission) of an
+/// asynchronous job. Polls start early and double (100 ms, 200 ms, 400 ms …): a small job ends in
+/// well under a second, and a fixed first wait is most of a small run. The doubling stops at what
+/// the server asks (`Retry-After`), or at 60 s without one; a wait is never below 1/50 of the time
+/// already spent waiting — so a job that never ends costs a number of polls that grows with the log
+/// of its duration, whatever the server says — and never above the user's `maxPollInterval`.
+pub fn poll_wait(server: Option<Duration>, polls: u32, waited: Duration, max: Duration) -> Duration {
+    let base = backoff(polls, EARLY_POLL, server.unwrap_or(Duration::from_secs(60)));
+    base.max(waited / 50).clamp(EARLY_POLL, max.max(EARLY_POLL))
 }
 
 fn show(d: Duration) -> String {
@@ -314,13 +319,33 @@ mod tests {
     fn polls_are_paced() {
         let max = Duration::from_secs(300);
         let s = Duration::from_secs;
-        // Retry-After honoured, clamped to the user's maximum
-        assert_eq!(poll_wait(Some(s(120)), 0, s(0), max), s(120));
-        assert_eq!(poll_wait(Some(s(120)), 0, s(0), s(5)), s(5));
-        // no Retry-After: exponential from 1 s
-        assert_eq!(poll_wait(None, 3, s(0), max), s(8));
-        // a server saying "1 s" forever is polled less often as the wait grows
-        assert_eq!(poll_wait(Some(s(1)), 0, s(3000), max), s(60));
-        assert_eq!(poll_wait(Some(s(0)), 0, s(0), max), s(1));
+        let ms = Duration::from_millis;
+        type Case = (&'static str, Option<Duration>, u32, Duration, Duration, Duration);
+        let table: Vec<Case> = vec![
+            ("the first poll comes early, whatever the server says", Some(s(120)), 0, s(0), max, ms(100)),
+            ("then the waits double", Some(s(120)), 3, s(1), max, ms(800)),
+            ("up to the server's Retry-After", Some(s(120)), 12, s(400), max, s(120)),
+            ("never above maxPollInterval", Some(s(120)), 12, s(400), s(5), s(5)),
+            ("without Retry-After: doubling up to 60 s", None, 20, s(900), max, s(60)),
+            (
+                "a server saying \"1 s\" forever is polled less often as the wait grows",
+                Some(s(1)),
+                30,
+                s(3000),
+                max,
+                s(60),
+            ),
+            ("a Retry-After of 0 is not a hot loop", Some(s(0)), 0, s(0), max, ms(100)),
+        ];
+        for (what, server, polls, waited, max, want) in table {
+            assert_eq!(poll_wait(server, polls, waited, max), want, "{what}");
+        }
+        // a job of 3 minutes at a server saying 120 s costs about a dozen polls, not hundreds
+        let (mut t, mut n) = (Duration::ZERO, 0);
+        while t < s(180) {
+            t += poll_wait(Some(s(120)), n, t, max);
+            n += 1;
+        }
+        assert!((10..=14).contains(&n), "{n} polls");
     }
 }

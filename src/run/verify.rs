@@ -170,9 +170,9 @@ impl Engine {
                     Ok(job) => {
                         mem.streaks.ok();
                         mem.verify.pathling_job = Some(job);
-                        mem.waiting_since = Some(std::time::Instant::now());
                         st.message = Some("Pathling is exporting its ids".into());
-                        Ok(Next::Wait(self.scaled(Duration::from_millis(500))))
+                        mem.start_waiting();
+                        Ok(Next::Wait(self.poll_wait(st, mem, None, self.setup.values.target.max_poll)))
                     }
                     Err(e) => {
                         let a = Attempt {
@@ -188,14 +188,8 @@ impl Engine {
             let m = match pathling.poll_export(&job).await {
                 Ok(ExportPoll::Running { progress: p, wait }) => {
                     mem.streaks.ok();
-                    st.poll_attempts = if wait.is_some() { 0 } else { st.poll_attempts.saturating_add(1) };
                     st.progress = Some(format!("Pathling export: {}", p.unwrap_or_else(|| "running".into())));
-                    return Ok(Next::Wait(self.poll_wait(
-                        mem,
-                        wait,
-                        st.poll_attempts,
-                        self.setup.values.target.max_poll,
-                    )));
+                    return Ok(Next::Wait(self.poll_wait(st, mem, wait, self.setup.values.target.max_poll)));
                 }
                 Ok(ExportPoll::Lost) => {
                     mem.verify.pathling_job = None;
@@ -220,7 +214,7 @@ impl Engine {
                 }
             };
             mem.streaks.ok();
-            mem.waiting_since = None;
+            mem.start_waiting();
             st.poll_attempts = 0;
             if !m.error.is_empty() {
                 return Err(Failure::new(
