@@ -3,10 +3,12 @@
 //! servers (the test doubles), driven by a release `fhirsync run`. Reports the time until all are
 //! Ready, the operator's API requests by verb and resource (from the API server's /metrics), status
 //! conflicts, runs started per run, the operator's CPU seconds and peak RSS, idle CPU, and the time
-//! SIGTERM takes.
+//! SIGTERM takes; per run: its status writes, its API requests (the run, its sync's status) and its
+//! time split into the operator's own waits and its steps. Each export answers `--export-polls`
+//! polls with 202 (`Retry-After: 1`) before its manifest, each import `--import-polls` `$job` polls.
 //!
 //!     cargo build --release --bin fhirsync --example bench_control_plane
-//!     target/release/examples/bench_control_plane --syncs 1000 --sources 10 --pathlings 10
+//!     target/release/examples/bench_control_plane --syncs 1000 --sources 10 --pathlings 10 --export-polls 2 --import-polls 2
 //!
 //! Needs what .ci/run needs for the test API server (openssl, xz, kubectl) and ../shared beside the
 //! clone (or SHARED=/path/to/shared).
@@ -145,6 +147,8 @@ async fn main() {
     let n_pl = arg("--pathlings", 10).max(1) as usize;
     let idle = arg("--idle", 20);
     let lines = arg("--lines", 1000) as usize;
+    let export_polls = arg("--export-polls", 2) as u32;
+    let import_polls = arg("--import-polls", 2) as u32;
     fhirsync::net::init_tls();
     let ns = "bench";
     eprintln!("starting the test API server …");
@@ -177,7 +181,8 @@ async fn main() {
     for _ in 0..n_src {
         let cfg = SourceConfig {
             files: vec![("Observation".into(), data.clone())],
-            polls_before_done: 0,
+            polls_before_done: export_polls,
+            poll_retry_after: Some("1".into()),
             export_slots: 1000,
             ..Default::default()
         };
@@ -186,7 +191,11 @@ async fn main() {
     }
     let mut pathlings = vec![];
     for _ in 0..n_pl {
-        let pcfg = PathlingConfig { roots: vec![("file:///staging".into(), staging.clone())], ..Default::default() };
+        let pcfg = PathlingConfig {
+            roots: vec![("file:///staging".into(), staging.clone())],
+            job_polls: import_polls,
+            ..Default::default()
+        };
         pathlings.push(FakePathling::start(pcfg).await);
     }
 
@@ -266,6 +275,8 @@ async fn main() {
     let run_count = runs.list(&ListParams::default()).await.map(|l| l.items.len()).unwrap_or(0);
     let tasks = operator_metric(&admin, "fhirsync_run_tasks_started_total").await;
     let conflicts = operator_metric(&admin, "fhirsync_status_conflicts_total").await;
+    let waiting = operator_metric(&admin, "fhirsync_run_waiting_seconds_total").await;
+    let working = operator_metric(&admin, "fhirsync_run_working_seconds_total").await;
 
     // idle
     tokio::time::sleep(Duration::from_secs(idle)).await; // measuring idle CPU over a span of time
@@ -285,7 +296,8 @@ async fn main() {
             delta.insert(k.clone(), d);
         }
     }
-    let ours = 2.0 * n as f64 + 6.0; // creates, two LISTs and two WATCHes, two /metrics reads
+    let ours = 2.0 * n as f64 + 6.0;
+    let runs_f = run_count.max(1) as f64; // creates, two LISTs and two WATCHes, two /metrics reads
     let total: f64 = delta.values().sum();
     let operator_requests = (total - ours).max(0.0);
     println!(
@@ -302,6 +314,27 @@ async fn main() {
     println!(
         "| operator API requests | {operator_requests:.0} ({:.1} per run, {run_count} runs) |",
         operator_requests / run_count.max(1) as f64
+    );
+    let per_run =
+        |verb: &str, res: &str| delta.get(&(verb.to_string(), res.to_string())).copied().unwrap_or(0.0) / runs_f;
+    let run_writes = per_run("APPLY", "bulkexportruns/status") + per_run("PATCH", "bulkexportruns/status");
+    let run_requests: f64 = delta
+        .iter()
+        .filter(|((verb, res), _)| {
+            res.starts_with("bulkexportruns") && verb != "WATCH" && verb != "LIST"
+                || res.starts_with("bulkexportsyncs/status")
+        })
+        .map(|(_, v)| v)
+        .sum::<f64>()
+        / runs_f;
+    println!("| status writes per run (BulkExportRun) | {run_writes:.2} |");
+    println!(
+        "| API requests per run (its creation, its status, its sync's status, its deletion) | {run_requests:.2} |"
+    );
+    println!(
+        "| run time per run | {:.2} s waiting between polls, {:.2} s in steps |",
+        waiting / runs_f,
+        working / runs_f
     );
     println!("| status conflicts (operator) | {conflicts:.0} |");
     println!(

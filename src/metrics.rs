@@ -74,6 +74,8 @@ pub struct Metrics {
     pub subscriptions: Family<SubscriptionLabels, Gauge>,
     pub status_conflicts: Counter,
     pub run_tasks: Counter,
+    /// Where the runs' time goes.
+    pub run_clock: crate::run::Clock,
     pub drift: Family<DriftLabels, Gauge>,
     pub in_sync: Family<SyncLabels, Gauge>,
     pub last_verification: Family<SyncLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -143,6 +145,18 @@ impl Default for Metrics {
             "Status writes refused because the object changed since it was read (decided again)",
             Counter::default(),
         );
+        let run_clock = crate::run::Clock {
+            waiting: r.counter(
+                "run_waiting_seconds",
+                "Seconds the runs spent in their own waits: between polls of a job, before a retry",
+                Default::default(),
+            ),
+            working: r.counter(
+                "run_working_seconds",
+                "Seconds the runs spent in steps: requests, transfers, waiting in a queue for a source or a Pathling",
+                Default::default(),
+            ),
+        };
         let run_tasks = r.counter(
             "run_tasks_started",
             "Run tasks started (once per run per process; a run found finished is never started)",
@@ -193,6 +207,7 @@ impl Default for Metrics {
             in_sync,
             last_verification,
             run_tasks,
+            run_clock,
             registry: r.registry,
             samples: r.samples,
             status_conflicts,

@@ -141,6 +141,7 @@ async fn run_inner(args: &Args) -> Result<i32, CliError> {
         opts: Options::default(),
         backoff_scale: 1.0,
         fence: crate::fence::Fence::open(),
+        clock: Default::default(),
     };
     let mut status = run_state.status.clone();
     let mut persist = StatePersist { path: args.state.clone(), state };

@@ -283,7 +283,11 @@ async fn drive_run(cached: Arc<BulkExportRun>, ctx: Arc<Context>, cancel: Cancel
     }
 }
 
-/// Stores progress snapshots lazily: at most every 2 seconds, and only what changed.
+/// How often progress (a phase between the durable facts, bytes, a place in a queue) is stored at
+/// most: a run that ends within it costs only its durable writes (intent, status URL, release, end).
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(30);
+
+/// Stores progress snapshots lazily: at most every [`PROGRESS_EVERY`], and only what changed.
 async fn write_progress(writer: Writer, mut rx: watch::Receiver<BulkExportRunStatus>, stop: CancellationToken) {
     loop {
         tokio::select! {
@@ -291,7 +295,7 @@ async fn write_progress(writer: Writer, mut rx: watch::Receiver<BulkExportRunSta
             _ = stop.cancelled() => return,
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = tokio::time::sleep(PROGRESS_EVERY) => {}
             _ = stop.cancelled() => return,
         }
         let st = rx.borrow_and_update().clone();

@@ -151,6 +151,7 @@ impl Context {
             opts: self.opts.clone(),
             backoff_scale: 1.0,
             fence: self.fence.clone(),
+            clock: self.metrics.run_clock.clone(),
         }
     }
 

@@ -1,8 +1,6 @@
 //! Pending → Exporting → Transferring: Pathling's preflight, the one-export-per-source queue, the
 //! kick-off (its intent recorded before it is sent) and the status polls.
 
-use std::time::Duration;
-
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio::sync::watch;
@@ -109,12 +107,11 @@ impl Engine {
                 mem.streaks.ok();
                 st.export_status_url = Some(url);
                 st.phase = Phase::Exporting;
-                st.poll_attempts = 0;
                 st.queue_position = None;
                 st.message = Some("export started; polling the source".into());
-                mem.waiting_since = Some(std::time::Instant::now());
                 // the first poll comes early: many jobs finish in a second (Helios says 120 s anyway)
-                Ok(Next::Wait(self.scaled(Duration::from_secs(1))))
+                mem.start_waiting();
+                Ok(Next::Wait(self.poll_wait(st, mem, None, self.setup.values.source.max_poll)))
             }
             Err(e)
                 if self.setup.verify.is_some()
@@ -198,14 +195,20 @@ impl Engine {
                     ));
                 }
                 st.progress = progress;
-                st.poll_attempts = if wait.is_some() { 0 } else { st.poll_attempts.saturating_add(1) };
                 st.message = Some("export in progress on the source".into());
-                Ok(Next::Wait(self.poll_wait(mem, wait, st.poll_attempts, self.setup.values.source.max_poll)))
+                Ok(Next::Wait(self.poll_wait(st, mem, wait, self.setup.values.source.max_poll)))
             }
             Ok(Poll::Complete(m)) => {
                 mem.streaks.ok();
-                mem.waiting_since = None;
-                st.transaction_time = m.transaction_time.as_deref().and_then(|t| t.parse::<Timestamp>().ok()).map(Time);
+                mem.start_waiting();
+                // what the export covers: up to its transactionTime, and never past `_until`
+                let until = self.setup.export.until.as_deref().and_then(|u| u.parse::<Timestamp>().ok());
+                let covered = m.transaction_time.as_deref().and_then(|t| t.parse::<Timestamp>().ok());
+                st.transaction_time = match (covered, until) {
+                    (Some(c), Some(u)) => Some(c.min(u)),
+                    (c, u) => c.or(u),
+                }
+                .map(Time);
                 st.progress = Some("export complete".into());
                 st.poll_attempts = 0;
                 if self.setup.verify.is_some() {

@@ -64,8 +64,8 @@ pub struct Memory {
     target_checked: bool,
     /// Consecutive `$job` answers "unknown job".
     lost_jobs: u32,
-    /// When the current wait for an asynchronous job began (paces the polls).
-    waiting_since: Option<Instant>,
+    /// When the current wait for an asynchronous job began, and the polls it has cost (paces them).
+    waiting: Option<(Instant, u32)>,
     /// A verification's progress in this process.
     verify: verify::VerifyMemory,
 }
@@ -80,6 +80,13 @@ pub struct Engine {
     pub uid: String,
     /// Delay scale for waits (1.0 in production; tests shrink it).
     pub backoff_scale: f64,
+}
+
+impl Memory {
+    /// A new asynchronous job is being waited for: its polls start early again.
+    pub(crate) fn start_waiting(&mut self) {
+        self.waiting = None;
+    }
 }
 
 pub(crate) fn now() -> Time {
@@ -137,16 +144,21 @@ impl Engine {
         }
     }
 
-    /// The wait before the next poll (see [`policy::poll_wait`]).
+    /// The wait before the next poll of the job being waited for (see [`policy::poll_wait`]); the
+    /// first call after [`Memory::start_waiting`] gives the first, early, wait. Counts the poll in
+    /// `st.poll_attempts`.
     pub(crate) fn poll_wait(
         &self,
+        st: &mut BulkExportRunStatus,
         mem: &mut Memory,
         server: Option<Duration>,
-        attempts: u32,
         max: Duration,
     ) -> Duration {
-        let waited = mem.waiting_since.get_or_insert_with(Instant::now).elapsed();
-        self.scaled(policy::poll_wait(server, attempts, waited.div_f64(self.backoff_scale.max(1e-6)), max))
+        let (since, polls) = mem.waiting.get_or_insert_with(|| (Instant::now(), 0));
+        let (n, waited) = (*polls, since.elapsed());
+        *polls = polls.saturating_add(1);
+        st.poll_attempts = n;
+        self.scaled(policy::poll_wait(server, n, waited.div_f64(self.backoff_scale.max(1e-6)), max))
     }
 }
 
@@ -162,6 +174,17 @@ pub struct RunInputs {
     pub verify: Option<crate::api::VerifyRun>,
 }
 
+/// Where the runs of a process spend their time: waiting between polls and attempts (their own
+/// waits), or working (a step: requests, transfers, queues). Counted in seconds, for the metrics.
+#[derive(Clone, Default, Debug)]
+pub struct Clock {
+    pub waiting: Seconds,
+    pub working: Seconds,
+}
+
+/// A shared count of seconds.
+pub type Seconds = prometheus_client::metrics::counter::Counter<f64, std::sync::atomic::AtomicU64>;
+
 /// What a run uses from its process.
 #[derive(Clone)]
 pub struct Deps {
@@ -173,6 +196,8 @@ pub struct Deps {
     /// Whether this process may act (leader election): a run stops before its next step once the
     /// fence lapses, and the step in flight is dropped.
     pub fence: crate::fence::Fence,
+    /// Where the runs' time goes.
+    pub clock: Clock,
 }
 
 /// Stores a run's status.
@@ -316,6 +341,7 @@ pub async fn drive<P: Persist + Send>(
         }
         let before = durable(st);
         let phase = st.phase;
+        let began = Instant::now();
         let next = tokio::select! {
             biased;
             _ = deps.fence.lapsed() => return Err(DriveError::Fenced),
@@ -325,6 +351,7 @@ pub async fn drive<P: Persist + Send>(
                 engine.fail(st, &mut mem, timeout()).await
             }
         };
+        deps.clock.working.inc_by(began.elapsed().as_secs_f64());
         if !deps.fence.holds() {
             return Err(DriveError::Fenced);
         }
@@ -339,12 +366,14 @@ pub async fn drive<P: Persist + Send>(
             Next::Done => return Ok(()),
             Next::Continue => {}
             Next::Wait(d) => {
+                let began = Instant::now();
                 tokio::select! {
                     _ = tokio::time::sleep(d) => {}
                     _ = tokio::time::sleep_until(deadline) => {}
                     _ = cancel.cancelled() => return Err(DriveError::Cancelled),
                     _ = deps.fence.lapsed() => return Err(DriveError::Fenced),
                 }
+                deps.clock.waiting.inc_by(began.elapsed().as_secs_f64());
             }
         }
     }

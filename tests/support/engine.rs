@@ -97,6 +97,7 @@ spec:
             opts: Options::default(),
             backoff_scale: 0.002,
             fence: fhirsync::fence::Fence::open(),
+            clock: Default::default(),
         }
     }
 
