@@ -52,6 +52,11 @@ pub struct ExportSpec {
     /// Lower bound (`_since`) of the first run; later incremental runs use the watermark.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<Time>,
+    /// Upper bound (`_until`, Bulk Data STU3): only changes before this instant are asked for, to
+    /// backfill a window. The watermark never moves past it. A source that ignores `_until` sends
+    /// more, which `merge` makes harmless.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<Time>,
 }
 
 /// Pathling's `$import` save mode.

@@ -100,6 +100,11 @@ pub struct SyncValues {
 pub fn validate_bulk_sync(spec: &BulkExportSyncSpec) -> Result<SyncValues, String> {
     let mut errs = vec![];
     let template = template_values(&RunTemplate::from(spec)).map_err(|e| errs.push(e)).ok();
+    if let (Some(since), Some(until)) = (&spec.export.since, &spec.export.until)
+        && since.0 >= until.0
+    {
+        errs.push(format!("spec.export.until ({}) must be after spec.export.since ({})", until.0, since.0));
+    }
     let since_overlap =
         bounded("spec.sinceOverlap", &spec.since_overlap, Duration::ZERO, 7 * DAY).map_err(|e| errs.push(e)).ok();
     match (template, since_overlap) {

@@ -19,8 +19,13 @@ use crate::text::{peer_text, redact};
 
 /// Largest manifest read (about 100,000 files); a bigger one fails the run with a clear message.
 pub const MANIFEST_MAX: usize = 16 << 20;
-/// Most files one manifest may list.
+/// Most files one manifest may list (all its pages together).
 pub const MAX_FILES: usize = 200_000;
+/// Most pages one manifest may have (Bulk Data STU3 `link` next).
+pub const MAX_PAGES: usize = 10_000;
+/// Most answers "not ready yet" (202) the pages of one manifest may give once the export is
+/// complete, before fhirsync gives up on it.
+pub const MAX_PAGE_WAITS: u32 = 60;
 
 /// Export level.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +44,8 @@ pub struct ExportRequest {
     pub elements: Vec<String>,
     /// `_since`, an instant in RFC 3339.
     pub since: Option<String>,
+    /// `_until` (Bulk Data STU3), an instant in RFC 3339: only changes before it.
+    pub until: Option<String>,
 }
 
 impl ExportRequest {
@@ -55,6 +62,9 @@ impl ExportRequest {
             if let Some(s) = &self.since {
                 q.append_pair("_since", s);
             }
+            if let Some(u) = &self.until {
+                q.append_pair("_until", u);
+            }
             if !self.types.is_empty() {
                 q.append_pair("_type", &self.types.join(","));
             }
@@ -69,18 +79,24 @@ impl ExportRequest {
         url
     }
 
-    /// The same request as a `Parameters` resource (POST kick-off).
-    pub fn parameters(&self) -> serde_json::Value {
+    /// The same request as a `Parameters` resource (POST kick-off), for a server of this style.
+    pub fn parameters(&self, style: Kickoff) -> serde_json::Value {
         use serde_json::json;
         let mut p = vec![json!({"name": "_outputFormat", "valueString": "application/fhir+ndjson"})];
         if let Some(s) = &self.since {
             p.push(json!({"name": "_since", "valueInstant": s}));
         }
-        if !self.types.is_empty() {
-            p.push(json!({"name": "_type", "valueString": self.types.join(",")}));
+        if let Some(u) = &self.until {
+            p.push(json!({"name": "_until", "valueInstant": u}));
         }
-        if !self.elements.is_empty() {
-            p.push(json!({"name": "_elements", "valueString": self.elements.join(",")}));
+        // Bulk Data STU4 (POST only) takes one parameter per value; STU2/3 servers read comma lists
+        let lists = [("_type", &self.types), ("_elements", &self.elements)];
+        for (name, values) in lists.into_iter().filter(|(_, v)| !v.is_empty()) {
+            if style == Kickoff::Post {
+                p.extend(values.iter().map(|v| json!({"name": name, "valueString": v})));
+            } else {
+                p.push(json!({"name": name, "valueString": values.join(",")}));
+            }
         }
         for f in &self.type_filters {
             p.push(json!({"name": "_typeFilter", "valueString": f}));
@@ -99,9 +115,20 @@ pub struct OutputFile {
     pub count: Option<u64>,
 }
 
-/// The completed export's manifest, validated: every `output[]` type is a resource type, every URL
-/// an absolute http(s) URL.
+/// A link of a paged manifest (Bulk Data STU3 and later: `{"relation": "next", "url": …}`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Link {
+    #[serde(default)]
+    pub relation: String,
+    #[serde(default)]
+    pub url: String,
+}
+
+/// The completed export's manifest, validated: every `output[]` type is a resource type, every URL
+/// an absolute http(s) URL. Read in every shape Bulk Data has had: STU2/3 (`error`, `extension` as
+/// an object, `request`) and STU4 (`outcome`, `extension` as an array, `manifestType`); a paged
+/// manifest's pages are merged into one by [`BulkClient::poll`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Manifest {
     #[serde(default)]
@@ -116,7 +143,22 @@ pub struct Manifest {
     pub deleted: Vec<OutputFile>,
     #[serde(default)]
     pub error: Vec<OutputFile>,
+    /// STU4's name for `error`: merged into `error` when parsed.
+    #[serde(default, skip_serializing)]
+    pub outcome: Vec<OutputFile>,
+    /// The next page of a paged manifest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub link: Vec<Link>,
+    /// STU4: which kind of manifest this is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_type: Option<String>,
+    /// Set when the export was organized by a resource type (`organizeOutputBy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_organized_by: Option<String>,
 }
+
+/// The one kind of manifest an export's status URL may answer with (STU4 `manifestType`).
+const EXPORT_MANIFEST_TYPE: &str = "http://hl7.org/fhir/uv/bulkdata/StructureDefinition/BulkDataManifest";
 
 fn default_true() -> bool {
     true
@@ -148,8 +190,25 @@ impl Manifest {
                         it is not an export manifest"
                 .into());
         }
-        let m: Manifest =
+        let mut m: Manifest =
             serde_json::from_slice(body).map_err(|e| format!("the export manifest is not valid JSON: {e}"))?;
+        if let Some(t) = &m.manifest_type
+            && t.split('|').next() != Some(EXPORT_MANIFEST_TYPE)
+        {
+            return Err(format!(
+                "the source answered the status poll with a manifest of type {}, not an export manifest (BulkDataManifest)",
+                peer_text(t, 120)
+            ));
+        }
+        if let Some(by) = &m.output_organized_by {
+            return Err(format!(
+                "the manifest's files are organized by {} (organizeOutputBy), which fhirsync never asks for: \
+                 such files mix resource types and cannot be imported by type",
+                peer_text(by, 64)
+            ));
+        }
+        let mut outcome = std::mem::take(&mut m.outcome);
+        m.error.append(&mut outcome);
         let files = m.output.len() + m.deleted.len() + m.error.len();
         if files > MAX_FILES {
             return Err(format!("the manifest lists {files} files; fhirsync takes at most {MAX_FILES} per run"));
@@ -170,18 +229,44 @@ impl Manifest {
                 types.len()
             ));
         }
-        for f in m.output.iter().chain(&m.deleted).chain(&m.error) {
-            match Url::parse(&f.url) {
+        if m.link.len() > 1 || m.link.iter().any(|l| l.relation != "next") {
+            return Err("the manifest's `link` is not one `next` link, as Bulk Data requires".into());
+        }
+        for url in
+            m.output.iter().chain(&m.deleted).chain(&m.error).map(|f| &f.url).chain(m.link.iter().map(|l| &l.url))
+        {
+            match Url::parse(url) {
                 Ok(u) if matches!(u.scheme(), "http" | "https") => {}
                 _ => {
-                    return Err(format!(
-                        "the manifest lists a file URL that is not http(s): {}",
-                        peer_text(&f.url, 80)
-                    ));
+                    return Err(format!("the manifest lists a URL that is not http(s): {}", peer_text(url, 80)));
                 }
             }
         }
         Ok(m)
+    }
+
+    /// The next page's URL, taken out of the manifest.
+    fn take_next(&mut self) -> Option<String> {
+        self.link.pop().map(|l| l.url)
+    }
+
+    /// Adds a later page's files (its other fields repeat this page's).
+    fn append(&mut self, page: Manifest) -> Result<(), String> {
+        if page.transaction_time != self.transaction_time {
+            return Err(format!(
+                "a page of the manifest has another transactionTime ({}) than its first page ({}): the pages are not of one export",
+                peer_text(page.transaction_time.as_deref().unwrap_or("none"), 40),
+                peer_text(self.transaction_time.as_deref().unwrap_or("none"), 40)
+            ));
+        }
+        self.output.extend(page.output);
+        self.deleted.extend(page.deleted);
+        self.error.extend(page.error);
+        let files = self.output.len() + self.deleted.len() + self.error.len();
+        if files > MAX_FILES {
+            return Err(format!("the manifest's pages list {files} files; fhirsync takes at most {MAX_FILES} per run"));
+        }
+        Ok(())
     }
 }
 
@@ -214,6 +299,43 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     d.deserialize_any(IsArray)
 }
 
+/// How a source takes a kick-off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kickoff {
+    /// GET with the parameters in the query (Bulk Data STU2/3); POST with comma lists only when
+    /// the query is too long.
+    #[default]
+    Get,
+    /// POST with a Parameters body, one parameter per value (Bulk Data STU4, where GET is gone).
+    Post,
+}
+
+/// Sources that refused a GET kick-off (405) and took a POST, by base URL, for this process: their
+/// later kick-offs POST first. Bounded: forgotten all at once when full.
+static POST_FIRST: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+    std::sync::LazyLock::new(Default::default);
+const POST_FIRST_MAX: usize = 10_000;
+
+fn kickoff_style(base: &str) -> Kickoff {
+    let known = POST_FIRST.lock().unwrap_or_else(|p| p.into_inner());
+    if known.contains(base) { Kickoff::Post } else { Kickoff::Get }
+}
+
+fn learn_kickoff_style(base: &str, style: Kickoff) {
+    let mut known = POST_FIRST.lock().unwrap_or_else(|p| p.into_inner());
+    match style {
+        Kickoff::Post => {
+            if known.len() >= POST_FIRST_MAX {
+                known.clear();
+            }
+            known.insert(base.to_string());
+        }
+        Kickoff::Get => {
+            known.remove(base);
+        }
+    }
+}
+
 /// Result of one status poll.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Poll {
@@ -244,31 +366,57 @@ impl BulkClient {
         &self.http
     }
 
-    /// Sends the kick-off request (`Prefer: respond-async`); returns the status URL.
+    /// Sends the kick-off request (`Prefer: respond-async`); returns the status URL. GET with a
+    /// query first (Bulk Data STU2/3); POST with a Parameters body when GET is refused (405: a
+    /// Bulk Data STU4 server, remembered for this source's later kick-offs, which then POST first)
+    /// or the query is too long (414).
     pub async fn kickoff(&self, req: &ExportRequest) -> Result<String, Error> {
         let url = req.url(&self.http);
+        let learned = kickoff_style(self.http.base().as_str());
+        let first = if learned == Kickoff::Post { Method::POST } else { Method::GET };
+        let resp = self.send_kickoff(req, &url, first.clone(), learned).await?;
+        let refused = resp.status() == StatusCode::METHOD_NOT_ALLOWED;
+        let retry = match (&first, resp.status()) {
+            (&Method::GET, StatusCode::METHOD_NOT_ALLOWED) => Some((Method::POST, Kickoff::Post)),
+            (&Method::GET, StatusCode::URI_TOO_LONG) => Some((Method::POST, Kickoff::Get)),
+            (&Method::POST, StatusCode::METHOD_NOT_ALLOWED) => Some((Method::GET, Kickoff::Get)),
+            _ => None,
+        };
+        let Some((method, style)) = retry else { return kickoff_answer(&url, first, resp).await };
+        let resp = self.send_kickoff(req, &url, method.clone(), style).await?;
+        let answer = kickoff_answer(&url, method.clone(), resp).await;
+        if refused && answer.is_ok() {
+            learn_kickoff_style(
+                self.http.base().as_str(),
+                if method == Method::POST { Kickoff::Post } else { Kickoff::Get },
+            );
+        }
+        answer
+    }
+
+    async fn send_kickoff(
+        &self,
+        req: &ExportRequest,
+        url: &Url,
+        method: Method,
+        style: Kickoff,
+    ) -> Result<reqwest::Response, Error> {
         // `no-cache`: HAPI hands an identical kick-off an earlier job still running, whose window
         // may not be this run's
-        let r = Request::new(Method::GET, url.clone())
+        let r = if method == Method::POST {
+            let mut post_url = url.clone();
+            post_url.set_query(None);
+            Request::new(Method::POST, post_url)
+                .header(CONTENT_TYPE, "application/fhir+json")
+                .body(serde_json::to_vec(&req.parameters(style)).unwrap_or_default())
+        } else {
+            Request::new(Method::GET, url.clone())
+        };
+        let r = r
             .header(ACCEPT, "application/fhir+json")
             .header(prefer(), "respond-async")
             .header(reqwest::header::CACHE_CONTROL, "no-cache");
-        let resp = self.http.send(r).await?;
-        if matches!(resp.status(), StatusCode::METHOD_NOT_ALLOWED | StatusCode::URI_TOO_LONG) {
-            // POST-only servers (Bulk Data STU4) and very long _typeFilter lists: the same request as
-            // a Parameters body
-            let mut post_url = url.clone();
-            post_url.set_query(None);
-            let r = Request::new(Method::POST, post_url)
-                .header(ACCEPT, "application/fhir+json")
-                .header(CONTENT_TYPE, "application/fhir+json")
-                .header(prefer(), "respond-async")
-                .header(reqwest::header::CACHE_CONTROL, "no-cache")
-                .body(serde_json::to_vec(&req.parameters()).unwrap_or_default());
-            let resp = self.http.send(r).await?;
-            return kickoff_answer(&url, Method::POST, resp).await;
-        }
-        kickoff_answer(&url, Method::GET, resp).await
+        self.http.send(r).await
     }
 
     /// Polls the status URL once.
@@ -285,9 +433,64 @@ impl BulkClient {
             let body = read_capped(resp, MANIFEST_MAX, "the export manifest").await?;
             let manifest = Manifest::parse(&body).map_err(|message| Error::Protocol { url: redact(&url), message })?;
             drop(body);
+            let manifest = self.rest_of_pages(&url, manifest).await?;
             return Ok(Poll::Complete(Box::new(manifest)));
         }
         Err(Error::from_response(&Method::GET, resp).await)
+    }
+
+    /// Reads the pages after the first of a paged manifest (`link` next) and merges their files
+    /// into it: a manifest with a next link is never taken as complete. Each page is read once, on
+    /// the status URL's origin (the token goes nowhere else); a page not ready yet (202) is waited
+    /// for as its `Retry-After` says, at most [`MAX_PAGE_WAITS`] times in all.
+    async fn rest_of_pages(&self, status_url: &Url, mut m: Manifest) -> Result<Manifest, Error> {
+        let protocol = |url: &Url, message: String| Error::Protocol { url: redact(url), message };
+        let mut seen = std::collections::HashSet::from([status_url.to_string()]);
+        let mut waits = 0u32;
+        while let Some(next) = m.take_next() {
+            let url = peer_url(&next)?;
+            if url.origin() != status_url.origin() {
+                return Err(protocol(
+                    status_url,
+                    "the manifest's next page is on another origin than its status URL: fhirsync does not follow it \
+                     (the source's credentials go only to the source)"
+                        .into(),
+                ));
+            }
+            if !seen.insert(url.to_string()) {
+                return Err(protocol(&url, "the manifest's pages link back to an earlier page".into()));
+            }
+            if seen.len() > MAX_PAGES {
+                return Err(protocol(&url, format!("the manifest has more than {MAX_PAGES} pages")));
+            }
+            loop {
+                let resp =
+                    self.http.send(Request::new(Method::GET, url.clone()).header(ACCEPT, "application/json")).await?;
+                match resp.status() {
+                    StatusCode::OK => {
+                        let body = read_capped(resp, MANIFEST_MAX, "a page of the export manifest").await?;
+                        let page = Manifest::parse(&body).map_err(|message| protocol(&url, message))?;
+                        m.append(page).map_err(|message| protocol(&url, message))?;
+                        break;
+                    }
+                    StatusCode::ACCEPTED => {
+                        waits += 1;
+                        if waits > MAX_PAGE_WAITS {
+                            return Err(protocol(
+                                &url,
+                                format!(
+                                    "the manifest's pages answered \"not ready\" (202) {MAX_PAGE_WAITS} times after the export was complete"
+                                ),
+                            ));
+                        }
+                        let wait = retry_after(resp.headers()).unwrap_or(Duration::from_secs(1));
+                        tokio::time::sleep(wait.clamp(Duration::from_millis(100), Duration::from_secs(5))).await;
+                    }
+                    _ => return Err(Error::from_response(&Method::GET, resp).await),
+                }
+            }
+        }
+        Ok(m)
     }
 
     /// Cancels a running export or releases a finished one (`DELETE` the status URL). A 404 (already
@@ -452,5 +655,53 @@ mod tests {
             .collect();
         let body = format!(r#"{{"output":[{}]}}"#, many.join(","));
         assert!(Manifest::parse(body.as_bytes()).unwrap_err().contains("resource types"));
+    }
+
+    #[test]
+    fn every_bulk_data_shape_is_read() {
+        // STU4: `outcome` for `error`, `extension` an array, `manifestType`, no `request`
+        let stu4 = br#"{"manifestType":"http://hl7.org/fhir/uv/bulkdata/StructureDefinition/BulkDataManifest|4.0.0",
+            "transactionTime":"2026-11-26T03:00:00Z","requiresAccessToken":true,"outputFormat":"application/fhir+ndjson",
+            "output":[{"type":"Patient","url":"https://s/f/1.ndjson","fileSize":100}],
+            "outcome":[{"url":"https://s/f/oo.ndjson","countSeverity":[{"code":"error","count":1}]}],
+            "extension":[{"url":"http://example.org/x","valueBoolean":true}]}"#;
+        let m = Manifest::parse(stu4).unwrap();
+        assert_eq!((m.output.len(), m.error.len()), (1, 1), "outcome[] is read as error[]");
+        // STU3: `extension` an object, a next link
+        let stu3 = br#"{"transactionTime":"2026-11-26T03:00:00Z","request":"x","output":[],"error":[],
+            "extension":{"https://example.com/extra":true},"link":[{"relation":"next","url":"https://s/status/1?page=2"}]}"#;
+        assert_eq!(Manifest::parse(stu3).unwrap().link.len(), 1);
+        let table: &[(&[u8], &str)] = &[
+            (
+                br#"{"manifestType":"http://hl7.org/fhir/uv/bulkdata/StructureDefinition/BulkSubmitStatusManifest","output":[]}"#,
+                "not an export manifest",
+            ),
+            (br#"{"outputOrganizedBy":"Patient","output":[{"url":"https://s/f/1.ndjson"}]}"#, "organizeOutputBy"),
+            (
+                br#"{"output":[],"link":[{"relation":"next","url":"https://s/2"},{"relation":"next","url":"https://s/3"}]}"#,
+                "one `next` link",
+            ),
+            (br#"{"output":[],"link":[{"relation":"next","url":"file:///etc/passwd"}]}"#, "not http(s)"),
+        ];
+        for (body, want) in table {
+            let e = Manifest::parse(body).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn pages_of_one_export_are_merged_and_pages_of_another_refused() {
+        let page = |tt: &str, n: usize| Manifest {
+            transaction_time: Some(tt.into()),
+            output: (0..n)
+                .map(|i| OutputFile { type_: "Patient".into(), url: format!("https://s/{i}"), count: None })
+                .collect(),
+            ..Default::default()
+        };
+        let mut m = page("t1", 2);
+        m.append(page("t1", 3)).unwrap();
+        assert_eq!(m.output.len(), 5);
+        assert!(m.append(page("t2", 1)).unwrap_err().contains("not of one export"));
+        assert!(m.append(page("t1", MAX_FILES)).unwrap_err().contains("at most"));
     }
 }

@@ -71,14 +71,7 @@ pub fn export_manifest(body: &[u8]) -> Result<Manifest, String> {
         None if p.output.is_some() => Manifest::parse(body),
         Some("Parameters") => {
             let pm: ParamsManifest = serde_json::from_slice(body).map_err(|e| format!("the export result: {e}"))?;
-            let mut m = Manifest {
-                transaction_time: None,
-                request: None,
-                requires_access_token: true,
-                output: vec![],
-                deleted: vec![],
-                error: vec![],
-            };
+            let mut m = Manifest { requires_access_token: true, ..Default::default() };
             for p in pm.parameter.0 {
                 match p.name.as_str() {
                     "transactionTime" => m.transaction_time = p.value_instant,

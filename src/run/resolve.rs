@@ -276,6 +276,7 @@ pub async fn setup(
         // a verification reads ids only, of everything the sync selects
         elements: if verify.is_some() { vec!["id".into()] } else { t.export.elements.clone() },
         since: if verify.is_some() { None } else { since.map(|t| t.to_string()) },
+        until: if verify.is_some() { None } else { t.export.until.as_ref().map(|u| u.0.to_string()) },
     };
     let staging: Option<Arc<dyn Staging>> = if let Some(v) = &t.staging.volume {
         check_staging_root(&t.staging, opts)?;

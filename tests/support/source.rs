@@ -49,6 +49,13 @@ pub struct SourceConfig {
     pub redirect_files_to: Option<String>,
     /// Kick-off by POST only (GET answers 405), like Bulk Data STU4.
     pub post_only: bool,
+    /// The manifest in Bulk Data STU4's shape: `outcome` for `error`, `extension` as an array,
+    /// `manifestType`, no `request`.
+    pub stu4_manifest: bool,
+    /// The manifest is paged (STU3 `link` next, at `/status/{id}?page=N`), this many entries a page.
+    pub manifest_page_size: Option<usize>,
+    /// The first fetch of every page after the first answers 202 (not ready yet).
+    pub pages_not_ready_once: bool,
     /// Output files: (resource type, NDJSON lines).
     pub files: Vec<(String, Vec<String>)>,
     /// deleted[] files: each a list of Bundle lines.
@@ -149,6 +156,9 @@ impl Default for SourceConfig {
             smart_token_endpoint: None,
             redirect_files_to: None,
             post_only: false,
+            stu4_manifest: false,
+            manifest_page_size: None,
+            pages_not_ready_once: false,
             kickoff_error: None,
             hang_first_kickoff: false,
             trickle_files: None,
@@ -190,6 +200,10 @@ pub struct SourceLog {
     pub kickoffs: Vec<KickoffRecord>,
     pub accepted: u32,
     pub polls: u32,
+    /// Fetches of manifest pages after the first, by page number.
+    pub page_fetches: Vec<usize>,
+    /// GET kick-offs refused with 405 (`post_only`).
+    pub refused_gets: u32,
     pub status_deletes: Vec<String>,
     pub downloads: Vec<(String, bool)>,
     pub active_exports: i32,
@@ -334,6 +348,7 @@ async fn kickoff(
 ) -> Response {
     let post_only = s.inner.lock().unwrap().cfg.post_only;
     if post_only && method == axum::http::Method::GET && rest.ends_with("$export") {
+        s.inner.lock().unwrap().log.refused_gets += 1;
         s.touch();
         return (StatusCode::METHOD_NOT_ALLOWED, outcome("error", "not-supported", "use POST")).into_response();
     }
@@ -447,8 +462,19 @@ fn kickoff_inner(
     let incremental = i.log.kickoffs.last().is_some_and(|k| {
         k.param("_since").is_some() || k.body.as_ref().is_some_and(|b| b.to_string().contains("_since"))
     });
-    let types =
-        i.log.kickoffs.last().and_then(|k| k.param("_type")).map(|t| t.split(',').map(str::to_string).collect());
+    let types = i.log.kickoffs.last().and_then(|k| {
+        let from_body: Vec<String> = k
+            .body
+            .as_ref()
+            .and_then(|b| b["parameter"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter(|p| p["name"] == "_type")
+            .filter_map(|p| p["valueString"].as_str().map(str::to_string))
+            .collect();
+        let list = k.param("_type").map(|t| vec![t]).unwrap_or(from_body);
+        (!list.is_empty()).then(|| list.iter().flat_map(|t| t.split(',')).map(str::to_string).collect())
+    });
     i.jobs.insert(id.clone(), Job { polls: 0, transaction_time: tt, incremental, types });
     i.log.accepted += 1;
     i.log.active_exports += 1;
@@ -457,19 +483,32 @@ fn kickoff_inner(
     (StatusCode::ACCEPTED, [(header::CONTENT_LOCATION, loc)], "").into_response()
 }
 
-async fn poll(State(s): State<FakeSource>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    let r = poll_inner(&s, id, headers);
+async fn poll(
+    State(s): State<FakeSource>,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let page = q.as_deref().and_then(|q| q.strip_prefix("page=")).and_then(|p| p.parse::<usize>().ok());
+    let r = poll_inner(&s, id, page, headers);
     s.touch();
     r
 }
 
-fn poll_inner(s: &FakeSource, id: String, headers: HeaderMap) -> Response {
+fn poll_inner(s: &FakeSource, id: String, page: Option<usize>, headers: HeaderMap) -> Response {
     if let Some(r) = unauthorized(s, &headers) {
         return r;
     }
     let origin = s.origin();
     let mut i = s.inner.lock().unwrap();
-    i.log.polls += 1;
+    if let Some(n) = page {
+        i.log.page_fetches.push(n);
+        if i.cfg.pages_not_ready_once && i.log.page_fetches.iter().filter(|p| **p == n).count() == 1 {
+            return (StatusCode::ACCEPTED, [(header::RETRY_AFTER, "1")], "").into_response();
+        }
+    } else {
+        i.log.polls += 1;
+    }
     if !i.cfg.poll_quirks.is_empty() {
         return match i.cfg.poll_quirks.remove(0) {
             PollQuirk::ServerError => (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
@@ -533,12 +572,34 @@ fn poll_inner(s: &FakeSource, id: String, headers: HeaderMap) -> Response {
     let errors: Vec<_> = (0..cfg.errors.len())
         .map(|n| json!({"type": "OperationOutcome", "url": format!("{file_base}/files/err-{n}.ndjson")}))
         .collect();
-    let manifest = json!({
+    let mut manifest = json!({
         "transactionTime": job.transaction_time,
         "request": format!("{}/fhir/$export", s.origin()),
         "requiresAccessToken": cfg.requires_token,
         "output": output, "deleted": deleted, "error": errors
     });
+    if let Some(size) = cfg.manifest_page_size {
+        // page N holds entries [(N-1)·size, N·size) of output, deleted and error alike
+        let n = page.unwrap_or(1);
+        let mut more = false;
+        for key in ["output", "deleted", "error"] {
+            let all = manifest[key].as_array().cloned().unwrap_or_default();
+            more |= all.len() > n * size;
+            manifest[key] = json!(all.into_iter().skip((n - 1) * size).take(size).collect::<Vec<_>>());
+        }
+        if more {
+            manifest["link"] =
+                json!([{"relation": "next", "url": format!("{}/status/{id}?page={}", s.origin(), n + 1)}]);
+        }
+    }
+    if cfg.stu4_manifest {
+        let m = manifest.as_object_mut().unwrap();
+        m.remove("request");
+        let errors = m.remove("error").unwrap_or_default();
+        m.insert("outcome".into(), errors);
+        m.insert("manifestType".into(), json!("http://hl7.org/fhir/uv/bulkdata/StructureDefinition/BulkDataManifest"));
+        m.insert("extension".into(), json!([{"url": "http://example.org/x", "valueBoolean": true}]));
+    }
     if let Some(n) = cfg.endless_manifest {
         let head = Bytes::from_static(b"{\"output\":[");
         let entry = Bytes::from(format!(r#"{{"type":"Patient","url":"{}/files/out-0.ndjson"}},"#, s.origin()));
