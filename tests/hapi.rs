@@ -8,6 +8,11 @@ mod support;
 
 use std::collections::BTreeSet;
 
+use std::time::{Duration, Instant};
+
+use fhirsync::fhir::bulk::{BulkClient, ExportRequest, Level, Poll};
+use fhirsync::fhir::client::{ClientConfig, Error, HttpClient};
+use futures::TryStreamExt;
 use serde_json::json;
 use support::cli::{Cli, s};
 use support::hapi::Hapi;
@@ -68,4 +73,73 @@ async fn full_then_incremental_sync_from_hapi_keeps_pathling_equal_deletes_inclu
     assert_eq!(second["totalResources"], 4, "2 new, 1 updated, 1 re-created: {second}");
     let p1 = c.pathling.get("Patient", "p1").expect("p1");
     assert_eq!(p1["active"], false, "the update reached Pathling");
+}
+
+/// What real HAPI does on the pull side, each row of the README's quirks table asserted on the
+/// client fhirsync uses: `Retry-After: 120` on every poll, identical GET kick-offs are separate jobs
+/// (fhirsync always sends a query and `Cache-Control: no-cache`), a cancelled job answers 404 (not
+/// 202 forever, on 8.8.0), outputs are `Binary/{id}` URLs with `requiresAccessToken: true`, no
+/// `count` and no `deleted[]`, served as NDJSON for fhirsync's `Accept` (HAPI hands out the Binary
+/// resource itself for `application/fhir+json`), and a release of a finished job is a 404 taken as done.
+#[tokio::test]
+async fn hapi_pull_quirks_are_what_fhirsync_expects() {
+    let hapi = Hapi::start(&["--testpeer.job-fast-tracking=true"]).await;
+    hapi.put(&patients("q", 3)).await;
+    let http = HttpClient::new(&ClientConfig::new(url::Url::parse(&format!("{}/", hapi.base)).unwrap())).unwrap();
+    let bulk = BulkClient::new(http);
+    let req = ExportRequest {
+        level: Level::System,
+        types: vec!["Patient".into()],
+        type_filters: vec![],
+        elements: vec![],
+        since: None,
+        until: None,
+    };
+    let first = bulk.kickoff(&req).await.expect("kick-off");
+    assert!(first.contains("$export-poll-status?_jobId="), "{first}");
+    let second = bulk.kickoff(&req).await.expect("second kick-off");
+    assert_ne!(first, second, "an identical kick-off is a job of its own, not HAPI's cached earlier one");
+
+    match bulk.poll(&first).await.expect("poll") {
+        Poll::InProgress { wait, .. } => assert_eq!(wait, Some(Duration::from_secs(120)), "HAPI always says 120 s"),
+        Poll::Complete(_) => {} // fast-tracked jobs may be done already
+    }
+
+    // a cancelled job: 404 from then on
+    bulk.release(&second).await.expect("cancel");
+    match bulk.poll(&second).await {
+        Err(Error::Status { status: 404, .. }) => {}
+        other => panic!("a cancelled job answered {other:?}\n{}", hapi.log()),
+    }
+
+    // the finished export
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let manifest = loop {
+        match bulk.poll(&first).await.expect("poll") {
+            Poll::Complete(m) => break m,
+            Poll::InProgress { .. } => {
+                assert!(Instant::now() < deadline, "HAPI's export did not finish in 5 minutes\n{}", hapi.log());
+                tokio::time::sleep(Duration::from_secs(2)).await; // HAPI gives no event to await; its batch runs on a timer
+            }
+        }
+    };
+    assert!(manifest.requires_access_token, "HAPI says its files need the token");
+    assert!(manifest.deleted.is_empty(), "HAPI lists no deleted[]");
+    assert_eq!(manifest.output.len(), 1);
+    let out = &manifest.output[0];
+    assert!(out.url.starts_with(&format!("{}/Binary/", hapi.base)), "{}", out.url);
+    assert_eq!(out.count, None, "HAPI gives no count");
+    let body: Vec<u8> = bulk
+        .download(&out.url, manifest.requires_access_token)
+        .await
+        .expect("download")
+        .map_ok(|b| b.to_vec())
+        .try_concat()
+        .await
+        .expect("read");
+    let text = String::from_utf8(body).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 3, "NDJSON, one Patient a line, not a Binary resource: {text:.200}");
+    assert!(lines.iter().all(|l| l.contains("\"resourceType\":\"Patient\"")), "{text:.200}");
+    bulk.release(&first).await.expect("a release of a finished job (404 at HAPI) counts as done");
 }
