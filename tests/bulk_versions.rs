@@ -9,18 +9,7 @@ use std::time::Duration;
 use fhirsync::api::{BulkExportRunStatus, Phase};
 use fhirsync::sync::{WatermarkMove, watermark_after};
 use support::engine::{Env, drive, run_once};
-use support::source::{SourceConfig, resources};
-
-fn three_files() -> SourceConfig {
-    SourceConfig {
-        files: vec![
-            ("Patient".into(), resources("Patient", "p", 24)),
-            ("Observation".into(), resources("Observation", "o", 100)),
-            ("Observation".into(), resources("Observation", "o2-", 17)),
-        ],
-        ..Default::default()
-    }
-}
+use support::source::{SourceConfig, three_files};
 
 #[tokio::test]
 async fn a_paged_manifest_is_read_in_full_before_the_run_goes_on() {

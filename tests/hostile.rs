@@ -9,20 +9,9 @@ use fhirsync::api::{BulkExportRunStatus, Phase};
 use fhirsync::run::{self, policy::MAX_STREAK};
 use support::engine::{Env, Saved, drive, run_once, step_until};
 use support::pathling::PathlingConfig;
-use support::source::{SourceConfig, delete_bundle, resources};
+use support::source::{SourceConfig, delete_bundle, three_files as data};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-
-fn data() -> SourceConfig {
-    SourceConfig {
-        files: vec![
-            ("Patient".into(), resources("Patient", "p", 24)),
-            ("Observation".into(), resources("Observation", "o", 100)),
-            ("Observation".into(), resources("Observation", "o2-", 17)),
-        ],
-        ..Default::default()
-    }
-}
 
 fn message(st: &BulkExportRunStatus) -> String {
     st.message.clone().unwrap_or_default()

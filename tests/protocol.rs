@@ -8,20 +8,9 @@ use fhirsync::api::{BulkExportRunStatus, Phase};
 use fhirsync::run::{self, KeyedLocks};
 use support::engine::{AUTH, Env, Saved, drive, drive_inputs, run_once, step_until};
 use support::pathling::PathlingConfig;
-use support::source::{PollQuirk, SourceConfig, delete_bundle, resources};
+use support::source::{PollQuirk, SourceConfig, delete_bundle, resources, three_files as two_types};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-
-fn two_types() -> SourceConfig {
-    SourceConfig {
-        files: vec![
-            ("Patient".into(), resources("Patient", "p", 24)),
-            ("Observation".into(), resources("Observation", "o", 100)),
-            ("Observation".into(), resources("Observation", "o2-", 17)),
-        ],
-        ..Default::default()
-    }
-}
 
 #[tokio::test]
 async fn full_export_lands_in_pathling_and_cleans_up() {

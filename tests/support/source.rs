@@ -786,6 +786,18 @@ enum Special {
 }
 
 /// `n` resources of a type, as NDJSON lines.
+/// Three output files of two types: 24 Patients, 100 and 17 Observations.
+pub fn three_files() -> SourceConfig {
+    SourceConfig {
+        files: vec![
+            ("Patient".into(), resources("Patient", "p", 24)),
+            ("Observation".into(), resources("Observation", "o", 100)),
+            ("Observation".into(), resources("Observation", "o2-", 17)),
+        ],
+        ..Default::default()
+    }
+}
+
 pub fn resources(t: &str, prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|k| json!({"resourceType": t, "id": format!("{prefix}{k}"), "active": true}).to_string()).collect()
 }
