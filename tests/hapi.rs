@@ -3,6 +3,7 @@
 //! had from Maven Central here). A full sync, then creates, updates and deletes at HAPI and an
 //! incremental sync: Pathling holds exactly the ids HAPI holds. HAPI lists no `deleted[]`, so the
 //! deletions come from its `_history` (entries `request.url` `Type/id/_history/N`, status 200).
+//! Then drift planted in Pathling is found against HAPI's ids and repaired.
 
 mod support;
 
@@ -73,6 +74,20 @@ async fn full_then_incremental_sync_from_hapi_keeps_pathling_equal_deletes_inclu
     assert_eq!(second["totalResources"], 4, "2 new, 1 updated, 1 re-created: {second}");
     let p1 = c.pathling.get("Patient", "p1").expect("p1");
     assert_eq!(p1["active"], false, "the update reached Pathling");
+
+    // drift planted in Pathling is found against HAPI's ids (HAPI ignores `_elements`: the ids are
+    // read from whole resources) and repaired
+    c.pathling.remove("Patient", "p5");
+    c.pathling.insert("Patient", "ghost", json!({"resourceType": "Patient", "id": "ghost"}));
+    let mut verify = args.clone();
+    verify.push("--verify".into());
+    let out = c.run(verify).await;
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(0), "{err}\nHAPI:\n{}", hapi.log());
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["drift"]["repair"]["state"], "Done", "{summary}");
+    assert_eq!(summary["drift"]["inSync"], true, "{summary}");
+    equal().await;
 }
 
 /// What real HAPI does on the pull side, each row of the README's quirks table asserted on the

@@ -250,7 +250,8 @@ impl Manifest {
         self.link.pop().map(|l| l.url)
     }
 
-    /// Adds a later page's files (its other fields repeat this page's).
+    /// Adds a later page's files (its other fields repeat this page's) and takes its link to the
+    /// page after it.
     fn append(&mut self, page: Manifest) -> Result<(), String> {
         if page.transaction_time != self.transaction_time {
             return Err(format!(
@@ -262,6 +263,7 @@ impl Manifest {
         self.output.extend(page.output);
         self.deleted.extend(page.deleted);
         self.error.extend(page.error);
+        self.link = page.link;
         let files = self.output.len() + self.deleted.len() + self.error.len();
         if files > MAX_FILES {
             return Err(format!("the manifest's pages list {files} files; fhirsync takes at most {MAX_FILES} per run"));
@@ -699,8 +701,11 @@ mod tests {
             ..Default::default()
         };
         let mut m = page("t1", 2);
-        m.append(page("t1", 3)).unwrap();
+        let mut second = page("t1", 3);
+        second.link = vec![Link { relation: "next".into(), url: "https://s/status?page=3".into() }];
+        m.append(second).unwrap();
         assert_eq!(m.output.len(), 5);
+        assert_eq!(m.take_next().as_deref(), Some("https://s/status?page=3"), "the second page's link leads on");
         assert!(m.append(page("t2", 1)).unwrap_err().contains("not of one export"));
         assert!(m.append(page("t1", MAX_FILES)).unwrap_err().contains("at most"));
     }
