@@ -424,21 +424,29 @@ impl BulkClient {
     /// Polls the status URL once.
     pub async fn poll(&self, status_url: &str) -> Result<Poll, Error> {
         let url = peer_url(status_url)?;
-        let r = Request::new(Method::GET, url.clone()).header(ACCEPT, "application/json");
-        let resp = self.http.send(r).await?;
-        let status = resp.status();
-        if status == StatusCode::ACCEPTED {
-            let progress = resp.headers().get("x-progress").and_then(|v| v.to_str().ok()).map(|s| peer_text(s, 100));
-            return Ok(Poll::InProgress { progress, wait: retry_after(resp.headers()) });
+        match self.poll_page(&url).await? {
+            Poll::Complete(first) => Ok(Poll::Complete(Box::new(self.rest_of_pages(&url, *first).await?))),
+            running => Ok(running),
         }
-        if status == StatusCode::OK {
-            let body = read_capped(resp, MANIFEST_MAX, "the export manifest").await?;
-            let manifest = Manifest::parse(&body).map_err(|message| Error::Protocol { url: redact(&url), message })?;
-            drop(body);
-            let manifest = self.rest_of_pages(&url, manifest).await?;
-            return Ok(Poll::Complete(Box::new(manifest)));
+    }
+
+    /// One GET of a manifest URL (the status URL or a later page): `202` is still running, `200`
+    /// a manifest page, validated.
+    async fn poll_page(&self, url: &Url) -> Result<Poll, Error> {
+        let resp = self.http.send(Request::new(Method::GET, url.clone()).header(ACCEPT, "application/json")).await?;
+        match resp.status() {
+            StatusCode::ACCEPTED => {
+                let progress =
+                    resp.headers().get("x-progress").and_then(|v| v.to_str().ok()).map(|s| peer_text(s, 100));
+                Ok(Poll::InProgress { progress, wait: retry_after(resp.headers()) })
+            }
+            StatusCode::OK => {
+                let body = read_capped(resp, MANIFEST_MAX, "the export manifest").await?;
+                let m = Manifest::parse(&body).map_err(|message| Error::Protocol { url: redact(url), message })?;
+                Ok(Poll::Complete(Box::new(m)))
+            }
+            _ => Err(Error::from_response(&Method::GET, resp).await),
         }
-        Err(Error::from_response(&Method::GET, resp).await)
     }
 
     /// Reads the pages after the first of a paged manifest (`link` next) and merges their files
@@ -466,16 +474,12 @@ impl BulkClient {
                 return Err(protocol(&url, format!("the manifest has more than {MAX_PAGES} pages")));
             }
             loop {
-                let resp =
-                    self.http.send(Request::new(Method::GET, url.clone()).header(ACCEPT, "application/json")).await?;
-                match resp.status() {
-                    StatusCode::OK => {
-                        let body = read_capped(resp, MANIFEST_MAX, "a page of the export manifest").await?;
-                        let page = Manifest::parse(&body).map_err(|message| protocol(&url, message))?;
-                        m.append(page).map_err(|message| protocol(&url, message))?;
+                match self.poll_page(&url).await? {
+                    Poll::Complete(page) => {
+                        m.append(*page).map_err(|message| protocol(&url, message))?;
                         break;
                     }
-                    StatusCode::ACCEPTED => {
+                    Poll::InProgress { wait, .. } => {
                         waits += 1;
                         if waits > MAX_PAGE_WAITS {
                             return Err(protocol(
@@ -485,10 +489,9 @@ impl BulkClient {
                                 ),
                             ));
                         }
-                        let wait = retry_after(resp.headers()).unwrap_or(Duration::from_secs(1));
+                        let wait = wait.unwrap_or(Duration::from_secs(1));
                         tokio::time::sleep(wait.clamp(Duration::from_millis(100), Duration::from_secs(5))).await;
                     }
-                    _ => return Err(Error::from_response(&Method::GET, resp).await),
                 }
             }
         }

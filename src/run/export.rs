@@ -110,7 +110,7 @@ impl Engine {
                 st.queue_position = None;
                 st.message = Some("export started; polling the source".into());
                 // the first poll comes early: many jobs finish in a second (Helios says 120 s anyway)
-                mem.start_waiting();
+                mem.reset_polls();
                 Ok(Next::Wait(self.poll_wait(st, mem, None, self.setup.values.source.max_poll)))
             }
             Err(e)
@@ -200,15 +200,14 @@ impl Engine {
             }
             Ok(Poll::Complete(m)) => {
                 mem.streaks.ok();
-                mem.start_waiting();
+                mem.reset_polls();
                 // what the export covers: up to its transactionTime, and never past `_until`
-                let until = self.setup.export.until.as_deref().and_then(|u| u.parse::<Timestamp>().ok());
-                let covered = m.transaction_time.as_deref().and_then(|t| t.parse::<Timestamp>().ok());
-                st.transaction_time = match (covered, until) {
-                    (Some(c), Some(u)) => Some(c.min(u)),
-                    (c, u) => c.or(u),
-                }
-                .map(Time);
+                st.transaction_time = [m.transaction_time.as_deref(), self.setup.export.until.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|t| t.parse::<Timestamp>().ok())
+                    .min()
+                    .map(Time);
                 st.progress = Some("export complete".into());
                 st.poll_attempts = 0;
                 if self.setup.verify.is_some() {

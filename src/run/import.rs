@@ -68,7 +68,7 @@ impl Engine {
         result: ImportResult,
     ) -> Result<Next, Failure> {
         mem.lost_jobs = 0;
-        mem.start_waiting();
+        mem.reset_polls();
         if self.setup.staging.is_some() && result.lists_inputs {
             let inputs = self.staged_inputs(st).await?;
             let listed: BTreeSet<&str> = result.input_urls.iter().map(String::as_str).collect();
@@ -147,7 +147,7 @@ impl Engine {
                     st.queue_position = None;
                     st.message = Some("import submitted to Pathling".into());
                     // Pathling holds its one import slot meanwhile: look early
-                    mem.start_waiting();
+                    mem.reset_polls();
                     Ok(Next::Wait(self.poll_wait(st, mem, None, self.setup.values.target.max_poll)))
                 }
                 Err(e) => {

@@ -83,8 +83,9 @@ pub struct Engine {
 }
 
 impl Memory {
-    /// A new asynchronous job is being waited for: its polls start early again.
-    pub(crate) fn start_waiting(&mut self) {
+    /// The job waited for changed (one was submitted, or the last one ended): the next poll
+    /// starts a new schedule, early.
+    pub(crate) fn reset_polls(&mut self) {
         self.waiting = None;
     }
 }
@@ -145,7 +146,7 @@ impl Engine {
     }
 
     /// The wait before the next poll of the job being waited for (see [`policy::poll_wait`]); the
-    /// first call after [`Memory::start_waiting`] gives the first, early, wait. Counts the poll in
+    /// first call after [`Memory::reset_polls`] gives the first, early, wait. Counts the poll in
     /// `st.poll_attempts`.
     pub(crate) fn poll_wait(
         &self,

@@ -171,7 +171,7 @@ impl Engine {
                         mem.streaks.ok();
                         mem.verify.pathling_job = Some(job);
                         st.message = Some("Pathling is exporting its ids".into());
-                        mem.start_waiting();
+                        mem.reset_polls();
                         Ok(Next::Wait(self.poll_wait(st, mem, None, self.setup.values.target.max_poll)))
                     }
                     Err(e) => {
@@ -214,7 +214,7 @@ impl Engine {
                 }
             };
             mem.streaks.ok();
-            mem.start_waiting();
+            mem.reset_polls();
             st.poll_attempts = 0;
             if !m.error.is_empty() {
                 return Err(Failure::new(
