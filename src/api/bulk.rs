@@ -25,6 +25,25 @@ pub enum ExportLevel {
     Group,
 }
 
+/// How a run reads the source.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ExportMethod {
+    /// FHIR Bulk Data `$export` (the source exports, fhirsync downloads the files).
+    #[default]
+    BulkExport,
+    /// FHIR search, type by type, in `_lastUpdated` order: for sources without a usable `$export`.
+    Search,
+    /// `$export` where the source offers it (its CapabilityStatement lists `export`, and the
+    /// kick-off is not refused as unknown), else search. The run says which it used.
+    Auto,
+}
+
+impl ExportMethod {
+    fn is_default(m: &ExportMethod) -> bool {
+        *m == ExportMethod::BulkExport
+    }
+}
+
 /// What to export.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -57,6 +76,11 @@ pub struct ExportSpec {
     /// more, which `merge` makes harmless.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<Time>,
+    /// `BulkExport` (default), `Search` or `Auto`. A search reads each type with
+    /// `_lastUpdated` ranges sorted by `_lastUpdated` (level `System` only; at most one
+    /// `typeFilter` per type); `Auto` searches only where the source has no `$export`.
+    #[serde(default, skip_serializing_if = "ExportMethod::is_default")]
+    pub method: ExportMethod,
 }
 
 /// Pathling's `$import` save mode.
@@ -154,6 +178,7 @@ impl PathlingTarget {
             timeouts: self.timeouts.clone(),
             max_poll_interval: self.max_poll_interval.clone(),
             max_concurrent_exports: 1,
+            max_requests_per_second: None,
             allow_link_local: self.allow_link_local,
         }
     }

@@ -197,6 +197,12 @@ pub struct FhirServer {
     #[serde(default = "one", skip_serializing_if = "is_one")]
     #[schemars(range(min = 1, max = 64))]
     pub max_concurrent_exports: u32,
+    /// As a source: most requests a second fhirsync sends to this server, across all runs in the
+    /// operator with the same URL and credential (polls, downloads, search pages, history). Absent:
+    /// no limit beyond the export slots. A `429` is obeyed either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_requests_per_second: Option<u32>,
     /// Allow requests to link-local addresses (169.254.0.0/16, fe80::/10) and cloud metadata services.
     /// Off by default: a manifest's file URL or a redirect that points there is refused.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

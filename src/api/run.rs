@@ -267,6 +267,10 @@ pub struct BulkExportRunStatus {
     /// Polls of the current asynchronous job so far (they start early and back off).
     #[serde(default)]
     pub poll_attempts: u32,
+    /// A run that reads the source by search (`export.method: Search`, or `Auto` on a source without
+    /// `$export`): where it is, so a restarted process goes on from the last finished file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crawl: Option<CrawlStatus>,
     /// The export was released on the source (`DELETE` of its status URL) after its files were staged.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub export_released: bool,
@@ -284,6 +288,24 @@ pub struct BulkExportRunStatus {
     /// Machine-readable reason of the failure or degradation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+/// Where a search crawl is. Each type is read in `_lastUpdated` order; a file is finished only
+/// between two instants, so every resource of `type` updated up to `after` is in a finished file.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CrawlStatus {
+    /// The upper bound of what the crawl reads (`_lastUpdated=le`): its start, or `export.until`.
+    pub up_to: Time,
+    /// Types completely read (an index into the run's types).
+    #[serde(default)]
+    pub types_done: u32,
+    /// The type being read, and the instant up to which its resources are in finished files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<Time>,
+    /// Search pages read so far by the run.
+    #[serde(default)]
+    pub pages: u32,
 }
 
 fn is_zero(n: &u32) -> bool {

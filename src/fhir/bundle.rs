@@ -99,13 +99,40 @@ struct RawLink {
 }
 
 #[derive(serde::Deserialize)]
-struct RawBundle<const N: usize> {
+#[serde(bound(deserialize = "E: Deserialize<'de>"))]
+struct RawBundle<E, const N: usize> {
     #[serde(rename = "resourceType", default)]
     resource_type: Option<String>,
     #[serde(default)]
     link: BoundedVec<RawLink, MAX_LINKS>,
-    #[serde(default)]
-    entry: BoundedVec<RawEntry, N>,
+    #[serde(default = "BoundedVec::default")]
+    entry: BoundedVec<E, N>,
+}
+
+/// Parses a Bundle of at most `N` entries of shape `E` (the caller says what an entry keeps):
+/// its entries and its `next` link. Anything but a Bundle is an error that says what came instead.
+pub fn parse_entries<'de, E: Deserialize<'de>, const N: usize>(
+    body: &'de [u8],
+) -> Result<(Vec<E>, Option<String>), String> {
+    let b: RawBundle<E, N> = serde_json::from_slice(body).map_err(|e| {
+        if body.first().is_some_and(|c| *c == b'{') {
+            format!("the answer is not a readable Bundle: {e}")
+        } else {
+            format!("the answer is not JSON ({})", crate::text::describe_text_body(body, None))
+        }
+    })?;
+    match b.resource_type.as_deref() {
+        Some("Bundle") => {}
+        Some("OperationOutcome") => return Err("the answer is an OperationOutcome, not a Bundle".into()),
+        other => {
+            return Err(format!(
+                "the answer is a {}, not a Bundle",
+                crate::text::peer_text(other.unwrap_or("JSON object without resourceType"), 64)
+            ));
+        }
+    }
+    let next = b.link.0.into_iter().find(|l| l.relation.as_deref() == Some("next")).and_then(|l| l.url);
+    Ok((b.entry.0, next))
 }
 
 /// One page of a Bundle.
@@ -126,27 +153,8 @@ impl Page {
 
     /// Parses a Bundle of at most `N` entries.
     pub fn parse_bounded<const N: usize>(body: &[u8]) -> Result<Self, String> {
-        let b: RawBundle<N> = serde_json::from_slice(body).map_err(|e| {
-            if body.first().is_some_and(|c| *c == b'{') {
-                format!("the answer is not a readable Bundle: {e}")
-            } else {
-                format!("the answer is not JSON ({})", crate::text::describe_text_body(body, None))
-            }
-        })?;
-        match b.resource_type.as_deref() {
-            Some("Bundle") => {}
-            Some("OperationOutcome") => return Err("the answer is an OperationOutcome, not a Bundle".into()),
-            other => {
-                return Err(format!(
-                    "the answer is a {}, not a Bundle",
-                    crate::text::peer_text(other.unwrap_or("JSON object without resourceType"), 64)
-                ));
-            }
-        }
-        let next = b.link.0.into_iter().find(|l| l.relation.as_deref() == Some("next")).and_then(|l| l.url);
-        let entries = b
-            .entry
-            .0
+        let (entries, next) = parse_entries::<RawEntry, N>(body)?;
+        let entries = entries
             .into_iter()
             .map(|e| {
                 if let Some(r) = &e.request

@@ -189,6 +189,9 @@ pub struct ClientConfig {
     /// Identifies the credentials in use (a digest of them, never the secrets): a client built
     /// from changed Secrets differs.
     pub credential_digest: String,
+    /// Most requests a second to the server's origin (shared with its other clients with the same
+    /// credential); `None`: unpaced.
+    pub max_requests_per_second: Option<u32>,
 }
 
 impl ClientConfig {
@@ -205,6 +208,7 @@ impl ClientConfig {
             idle_timeout: Duration::from_secs(120),
             policy: AddressPolicy::default(),
             credential_digest: String::new(),
+            max_requests_per_second: None,
         }
     }
 }
@@ -220,6 +224,7 @@ pub struct HttpClient {
     /// Whether the server has ever answered (any HTTP response) through this client.
     answered: Arc<AtomicBool>,
     credential_digest: String,
+    pace: Option<Arc<super::pace::Pace>>,
 }
 
 /// One request to send.
@@ -328,6 +333,10 @@ impl HttpClient {
             policy: cfg.policy,
             answered: Arc::default(),
             credential_digest: cfg.credential_digest.clone(),
+            pace: cfg.max_requests_per_second.map(|n| {
+                let key = format!("{}|{}|{n}", cfg.base_url.origin().ascii_serialization(), cfg.credential_digest);
+                super::pace::Pace::shared(&key, n)
+            }),
         })
     }
 
@@ -394,6 +403,11 @@ impl HttpClient {
         let mut body = req.body.clone();
         for _ in 0..=MAX_REDIRECTS {
             self.policy.check_url(&url).map_err(|why| Error::Refused { url: redact(&url), why })?;
+            if let Some(p) = &self.pace
+                && url.origin() == self.base.origin()
+            {
+                p.wait().await;
+            }
             let mut rb = self.http.request(method.clone(), url.clone()).headers(req.headers.clone());
             if req.credentials
                 && url.origin() == self.base.origin()

@@ -3,15 +3,12 @@
 //! (see [`super::bundle`]); `next` links are followed only on the source's own origin, never in a
 //! loop, and a history that answers nonsense forever costs a bounded number of requests.
 
-use std::collections::VecDeque;
-
 use jiff::Timestamp;
-use reqwest::header::ACCEPT;
-use reqwest::{Method, StatusCode};
 use url::Url;
 
 use super::bundle::{EntryRef, Page};
-use super::client::{Error, HttpClient, Request, read_capped};
+use super::client::{Error, HttpClient};
+use super::paging::{Links, get_page};
 use crate::text::redact;
 
 /// Largest history page read; a larger one is asked for again with half the `_count`.
@@ -50,7 +47,7 @@ pub struct Walk {
     count: u32,
     pages: u32,
     empty: u32,
-    recent: VecDeque<String>,
+    links: Links,
     /// A broken next link: reported after the page that carried it was used.
     failed: Option<Error>,
 }
@@ -58,7 +55,7 @@ pub struct Walk {
 impl Walk {
     /// Starts at `first`.
     pub fn new(first: Url) -> Self {
-        Self { next: Some(first), count: PAGE_COUNT, pages: 0, empty: 0, recent: VecDeque::new(), failed: None }
+        Self { next: Some(first), count: PAGE_COUNT, pages: 0, empty: 0, links: Links::default(), failed: None }
     }
 
     /// Pages read so far.
@@ -76,32 +73,20 @@ impl Walk {
         if self.pages >= MAX_PAGES {
             return Err(protocol(format!("the history has more than {MAX_PAGES} pages; fhirsync stops reading it")));
         }
-        let r = Request::new(Method::GET, url.clone()).header(ACCEPT, "application/fhir+json");
-        let resp = http.send(r).await?;
-        if resp.status() != StatusCode::OK {
-            return Err(Error::from_response(&Method::GET, resp).await);
-        }
-        let body = match read_capped(resp, PAGE_MAX, "a history page").await {
-            Ok(b) => b,
-            Err(Error::TooLarge { .. }) if self.count > 1 => {
-                // large resources: ask for fewer per page
-                self.count /= 2;
-                self.next = Some(with_count(&url, self.count));
-                return Box::pin(self.next_page(http)).await;
-            }
-            Err(e) => return Err(e),
-        };
+        let (url, body) = get_page(http, &url, &mut self.count, PAGE_MAX, "a history page").await?;
         let page = Page::parse(&body).map_err(protocol)?;
         drop(body);
         self.pages += 1;
         self.empty = if page.entries.is_empty() { self.empty + 1 } else { 0 };
-        self.next = match self.follow(http, &url, page.next.as_deref()) {
-            Ok(n) => n,
-            Err(e) => {
-                self.failed = Some(e);
-                None
-            }
+        let next = if page.next.is_some() && self.empty > MAX_EMPTY_PAGES {
+            Err(protocol(format!("{} pages in a row without entries still link to a next page", self.empty)))
+        } else {
+            self.links.follow(http, &url, page.next.as_deref(), "the history")
         };
+        self.next = next.unwrap_or_else(|e| {
+            self.failed = Some(e);
+            None
+        });
         Ok(Some(
             page.entries
                 .into_iter()
@@ -112,49 +97,6 @@ impl Walk {
                 .collect(),
         ))
     }
-}
-
-impl Walk {
-    /// The page after `url`, when its `next` link may be followed.
-    fn follow(&mut self, http: &HttpClient, url: &Url, next: Option<&str>) -> Result<Option<Url>, Error> {
-        let protocol = |message: String| Error::Protocol { url: redact(url), message };
-        let Some(n) = next else { return Ok(None) };
-        let n = url.join(n).map_err(|_| protocol("the next link is not a URL".into()))?;
-        if !http.same_origin(&n) {
-            return Err(protocol(format!(
-                "the next link leads to another origin ({}); fhirsync does not send the source's credential there",
-                redact(&n)
-            )));
-        }
-        let key = n.as_str().to_string();
-        if self.recent.contains(&key) || key == url.as_str() {
-            return Err(protocol("the history's next links go round in a loop".into()));
-        }
-        if self.empty > MAX_EMPTY_PAGES {
-            return Err(protocol(format!("{} pages in a row without entries still link to a next page", self.empty)));
-        }
-        self.recent.push_back(key);
-        if self.recent.len() > 8 {
-            self.recent.pop_front();
-        }
-        Ok(Some(n))
-    }
-}
-
-/// `url` with its `_count` set to `count`.
-fn with_count(url: &Url, count: u32) -> Url {
-    let mut u = url.clone();
-    let pairs: Vec<(String, String)> =
-        url.query_pairs().filter(|(k, _)| k != "_count").map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
-    {
-        let mut q = u.query_pairs_mut();
-        q.clear();
-        for (k, v) in &pairs {
-            q.append_pair(k, v);
-        }
-        q.append_pair("_count", &count.to_string());
-    }
-    u
 }
 
 #[cfg(test)]
@@ -171,7 +113,5 @@ mod tests {
             "http://h/fhir/_history?_since=2026-11-26T02%3A00%3A00Z&_count=100"
         );
         assert_eq!(first_page(&http, &Scope::Type("Patient".into()), since).path(), "/fhir/Patient/_history");
-        let u = Url::parse("http://h/fhir/_history?_cursor=abc&_count=100").unwrap();
-        assert_eq!(with_count(&u, 50).as_str(), "http://h/fhir/_history?_cursor=abc&_count=50");
     }
 }

@@ -7,7 +7,7 @@ use tokio::sync::watch;
 
 use super::policy::{Attempt, Peer};
 use super::{Engine, Failure, Memory, Next, Reason, finish::job_is_dead, now};
-use crate::api::{BulkExportRunStatus, Phase};
+use crate::api::{BulkExportRunStatus, ExportMethod, Phase};
 use crate::fhir::bulk::Poll;
 
 /// The place in a queue as shown: exact up to 1, then the next power of ten above it.
@@ -72,6 +72,26 @@ impl Engine {
                 self.queue(st, progress, &key, capacity, "an export slot on the same source and credential").await,
             );
         }
+        match self.setup.method {
+            ExportMethod::Search => {
+                self.start_crawl(st, "");
+                return Ok(Next::Continue);
+            }
+            ExportMethod::Auto if !mem.method_checked => {
+                mem.method_checked = true;
+                match crate::fhir::capabilities::read(self.setup.source.http()).await {
+                    Ok(c) if !super::preflight::offers_export(&c, crate::api::ExportLevel::System) => {
+                        return self.fall_back_to_search(st, "its CapabilityStatement lists no $export");
+                    }
+                    Ok(_) => {}
+                    // the kick-off finds out
+                    Err(e) => {
+                        tracing::debug!(run = %self.id, error = %e, "the source's CapabilityStatement is unreadable")
+                    }
+                }
+            }
+            _ => {}
+        }
         if st.kickoff_time.is_some() && st.export_status_url.is_none() && !mem.kickoff_intent {
             // recorded by a process that stopped before the answer came
             st.lost_kickoffs += 1;
@@ -125,6 +145,10 @@ impl Engine {
                 st.message = Some("the source refused _elements: reading ids from a full export".into());
                 Ok(Next::Continue)
             }
+            Err(e) if self.setup.method == ExportMethod::Auto && matches!(e.status(), Some(404 | 405 | 501)) => {
+                let why = format!("answered its $export kick-off with {}", e.status().unwrap_or_default());
+                self.fall_back_to_search(st, &why)
+            }
             Err(e) => {
                 let a = Attempt {
                     what: "export kick-off",
@@ -135,6 +159,21 @@ impl Engine {
                 self.on_error(st, mem, a, &e)
             }
         }
+    }
+
+    /// `method: Auto` on a source without `$export`: the run reads it by search instead, and says so.
+    fn fall_back_to_search(&self, st: &mut BulkExportRunStatus, why: &str) -> Result<Next, Failure> {
+        if self.setup.verify.is_some() {
+            return Err(Failure::new(
+                Reason::VerifyFailed,
+                format!(
+                    "the source {why}; a verification compares ids from a bulk export and cannot run by search yet"
+                ),
+            ));
+        }
+        tracing::info!(run = %self.id, "the source {why}: reading it by search (export.method: Auto)");
+        self.start_crawl(st, &format!(" (export.method Auto: the source {why})"));
+        Ok(Next::Continue)
     }
 
     /// Waits in the fair queue for `key`, showing the position in the status while waiting.

@@ -22,6 +22,7 @@ use crate::api::{BulkExportRunStatus, Phase, RunTemplate};
 use crate::fhir::bulk::Manifest;
 use crate::secrets::SecretSource;
 
+mod crawl;
 mod deletes;
 mod export;
 mod finish;
@@ -68,6 +69,12 @@ pub struct Memory {
     waiting: Option<(Instant, u32)>,
     /// A verification's progress in this process.
     verify: verify::VerifyMemory,
+    /// A search crawl's open file and place.
+    crawl: Option<crawl::CrawlMemory>,
+    /// The types a crawl reads, when the source's CapabilityStatement said which.
+    crawl_types: Option<Vec<String>>,
+    /// `method: Auto`: the source's CapabilityStatement was read for `$export`.
+    method_checked: bool,
 }
 
 /// One run's engine: the resolved setup plus the process-wide locks.
@@ -114,6 +121,7 @@ impl Engine {
         }
         let r = match st.phase {
             Phase::Pending => self.start(st, mem, progress).await,
+            Phase::Exporting if st.crawl.is_some() => self.crawl(st, mem, progress).await,
             Phase::Exporting => self.poll_export(st, mem).await,
             Phase::Transferring => self.transfer(st, mem, progress).await,
             Phase::Importing => self.import(st, mem, progress).await,
@@ -244,6 +252,7 @@ fn durable(st: &BulkExportRunStatus) -> impl PartialEq + use<> {
         st.export_status_url.clone(),
         st.export_released,
         st.lost_kickoffs,
+        st.crawl.as_ref().map(|c| (c.types_done, c.after.clone())),
     )
 }
 

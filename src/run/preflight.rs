@@ -9,7 +9,7 @@ use url::Url;
 
 use super::resolve::{self, Options, SetupError};
 use crate::api::validate::TemplateValues;
-use crate::api::{ExportLevel, RunTemplate};
+use crate::api::{ExportLevel, ExportMethod, RunTemplate};
 use crate::fhir::capabilities::{self, Capabilities};
 use crate::fhir::client::{Error as HttpError, HttpClient};
 use crate::secrets::SecretSource;
@@ -39,7 +39,7 @@ fn pass(check: &'static str, detail: impl Into<String>) -> Finding {
 }
 
 fn fail(check: &'static str, reason: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Finding {
-    let blocking = !matches!(reason, "ExportUnsupported" | "ImportUnsupported");
+    let blocking = !matches!(reason, "ExportUnsupported" | "ImportUnsupported" | "SearchUnsupported");
     Finding { check, ok: false, detail: detail.into(), fix: Some(fix.into()), reason, blocking }
 }
 
@@ -84,8 +84,59 @@ fn http_fix(e: &HttpError, field: &str) -> String {
     }
 }
 
+/// Which way of reading the source its CapabilityStatement allows, against `export.method`, with a
+/// recommendation.
+pub fn method_finding(t: &RunTemplate, c: &Capabilities) -> Finding {
+    let level = t.export.level;
+    let export = offers_export(c, level);
+    let unsearchable: Vec<&str> = t
+        .export
+        .types
+        .iter()
+        .filter(|ty| !c.resources.is_empty() && !c.has(ty, "search-type"))
+        .map(String::as_str)
+        .collect();
+    let search = level == ExportLevel::System && unsearchable.is_empty();
+    let both = if export && search { "; it can also be read by search (export.method: Search)" } else { "" };
+    match t.export.method {
+        ExportMethod::BulkExport if export => pass("source offers $export", format!("at level {level:?}{both}")),
+        ExportMethod::BulkExport => fail(
+            "source offers $export",
+            "ExportUnsupported",
+            format!("its CapabilityStatement lists no $export at level {level:?}"),
+            if search {
+                "the source can search these types: set spec.export.method: Search (or Auto), or enable Bulk Data on \
+                 the server (HAPI: hapi.fhir.bulk_export_enabled)"
+            } else {
+                "check spec.export.level, or that the server enables Bulk Data (HAPI: hapi.fhir.bulk_export_enabled)"
+            },
+        ),
+        ExportMethod::Search | ExportMethod::Auto if !search => fail(
+            "source offers search",
+            "SearchUnsupported",
+            if level != ExportLevel::System {
+                format!("export.level {level:?} cannot be read by search")
+            } else {
+                format!("its CapabilityStatement lists no search for {}", unsearchable.join(", "))
+            },
+            if export {
+                "set spec.export.method: BulkExport: the source offers $export"
+            } else {
+                "check spec.export.types"
+            },
+        ),
+        ExportMethod::Search if export => pass(
+            "source offers search",
+            "by _lastUpdated; it offers $export too, usually the faster choice for large syncs (export.method: BulkExport)",
+        ),
+        ExportMethod::Search => pass("source offers search", "by _lastUpdated (no $export: Search is the way here)"),
+        ExportMethod::Auto if export => pass("source offers $export", "export.method Auto will use $export"),
+        ExportMethod::Auto => pass("source offers search", "no $export: export.method Auto will read it by search"),
+    }
+}
+
 /// Whether the CapabilityStatement offers `$export` at `level`.
-fn offers_export(c: &Capabilities, level: ExportLevel) -> bool {
+pub fn offers_export(c: &Capabilities, level: ExportLevel) -> bool {
     let ops = &c.operations;
     let bulk = c.instantiates.iter().any(|i| i.contains("bulk-data"));
     match level {
@@ -192,16 +243,7 @@ pub async fn preflight(
         match metadata(http).await {
             Ok(c) => {
                 out.push(pass("source answers", format!("{} at {}", c.describe(), crate::text::redact(http.base()))));
-                if offers_export(&c, t.export.level) {
-                    out.push(pass("source offers $export", format!("at level {:?}", t.export.level)));
-                } else {
-                    out.push(fail(
-                        "source offers $export",
-                        "ExportUnsupported",
-                        format!("its CapabilityStatement lists no $export at level {:?}", t.export.level),
-                        "check spec.export.level, or that the server enables Bulk Data (HAPI: hapi.fhir.bulk_export_enabled)",
-                    ));
-                }
+                out.push(method_finding(t, &c));
                 credentials(http, "spec.source", "source credentials", &mut out).await;
             }
             Err(e) => out.push(fail(
@@ -327,6 +369,41 @@ mod tests {
         assert!(offers_export(&c, ExportLevel::Patient) && !offers_export(&c, ExportLevel::System));
         c.instantiates.push("http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data".into());
         assert!(offers_export(&c, ExportLevel::System) && offers_export(&c, ExportLevel::Group));
+    }
+
+    #[test]
+    fn check_says_which_method_a_source_supports() {
+        let template = |method: &str| -> RunTemplate {
+            serde_yaml::from_str(&format!(
+                "source: {{url: http://s}}\ntarget: {{url: http://p}}\nstaging: {{volume: {{path: /s, pathlingPath: file:///s}}}}\n\
+                 export: {{types: [Patient], method: {method}}}"
+            ))
+            .unwrap()
+        };
+        let mut search_only = Capabilities::default();
+        search_only.resources.insert("Patient".into(), ["read".to_string(), "search-type".to_string()].into());
+        let mut both = search_only.clone();
+        both.operations.insert("export".into());
+        let mut export_only = Capabilities::default();
+        export_only.operations.insert("export".into());
+        export_only.resources.insert("Patient".into(), ["read".to_string()].into());
+        // (method, capabilities, ok, check, words the finding must hold)
+        let table = [
+            ("BulkExport", &both, true, "source offers $export", "also be read by search"),
+            ("BulkExport", &search_only, false, "source offers $export", "set spec.export.method: Search"),
+            ("Search", &search_only, true, "source offers search", "Search is the way here"),
+            ("Search", &both, true, "source offers search", "usually the faster choice"),
+            ("Search", &export_only, false, "source offers search", "set spec.export.method: BulkExport"),
+            ("Auto", &search_only, true, "source offers search", "Auto will read it by search"),
+            ("Auto", &both, true, "source offers $export", "Auto will use $export"),
+        ];
+        for (method, c, ok, check, words) in table {
+            let f = method_finding(&template(method), c);
+            let text = format!("{} {}", f.detail, f.fix.clone().unwrap_or_default());
+            assert_eq!((f.ok, f.check), (ok, check), "{method}: {text}");
+            assert!(text.contains(words), "{method}: {text}");
+            assert!(!f.blocking, "a method finding never holds a first run: the run says what fails");
+        }
     }
 
     #[test]

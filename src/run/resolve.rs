@@ -88,6 +88,7 @@ pub async fn http_client(
     cfg.response_timeout = timing.response;
     cfg.idle_timeout = timing.idle;
     cfg.policy = crate::net::AddressPolicy { allow_link_local: server.allow_link_local };
+    cfg.max_requests_per_second = server.max_requests_per_second;
     let mut insecure = false;
     // every secret read goes into a digest that identifies the credentials (never shown)
     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
@@ -188,6 +189,8 @@ pub struct RunSetup {
     pub pathling: PathlingClient,
     pub staging: Option<Arc<dyn Staging>>,
     pub export: ExportRequest,
+    /// Bulk export, search, or bulk export where the source has it.
+    pub method: api::ExportMethod,
     /// The run's `_since` (absent: a full export).
     pub since: Option<jiff::Timestamp>,
     pub source_url: String,
@@ -278,6 +281,26 @@ pub async fn setup(
         since: if verify.is_some() { None } else { since.map(|t| t.to_string()) },
         until: if verify.is_some() { None } else { t.export.until.as_ref().map(|u| u.0.to_string()) },
     };
+    let method = t.export.method;
+    if method != api::ExportMethod::BulkExport {
+        if t.staging.ping_and_pull.is_some() {
+            return Err(Failure::new(
+                Reason::InvalidSpec,
+                "staging.pingAndPull has Pathling export from the source itself: it cannot read a source by search; \
+                 use a volume or object store staging with export.method Search or Auto",
+            )
+            .into());
+        }
+        super::crawl::check(&export).map_err(|m| Failure::new(Reason::InvalidSpec, m))?;
+    }
+    if method == api::ExportMethod::Search && verify.is_some() {
+        return Err(Failure::new(
+            Reason::VerifyFailed,
+            "a verification compares ids from a bulk export of the source; a sync with export.method Search cannot be \
+             verified yet (remove spec.verify, or use BulkExport)",
+        )
+        .into());
+    }
     let staging: Option<Arc<dyn Staging>> = if let Some(v) = &t.staging.volume {
         check_staging_root(&t.staging, opts)?;
         Some(Arc::new(VolumeStaging::new(&v.path, &v.pathling_path, namespace, run)))
@@ -317,6 +340,7 @@ pub async fn setup(
         pathling: PathlingClient::new(tgt.client).with_generation(generation(t.target.pathling_generation)),
         staging,
         export,
+        method,
         since: if verify.is_some() { None } else { since },
         source_url: t.source.url.clone(),
         save_mode: t.target.save_mode.code().to_string(),
