@@ -127,9 +127,9 @@ impl Crawl {
                 q.append_pair(k, v);
             }
             if let Some(low) = self.edge.as_ref().map(|(t, _)| *t).or(self.after) {
-                q.append_pair("_lastUpdated", &format!("ge{low}"));
+                q.append_pair("_lastUpdated", &format!("ge{}", millis(low)));
             }
-            q.append_pair("_lastUpdated", &format!("le{}", self.query.up_to));
+            q.append_pair("_lastUpdated", &format!("le{}", millis(self.query.up_to)));
             q.append_pair("_sort", "_lastUpdated");
             q.append_pair("_count", &self.count.to_string());
         }
@@ -252,6 +252,13 @@ impl Crawl {
     }
 }
 
+/// An instant as servers parse it: UTC, at most milliseconds, rounded down (a lower bound that
+/// reads a little more, an upper bound that leaves a little for the next run).
+pub fn millis(t: Timestamp) -> String {
+    let r = jiff::TimestampRound::new().smallest(jiff::Unit::Millisecond).mode(jiff::RoundMode::Trunc);
+    t.round(r).unwrap_or(t).to_string()
+}
+
 /// A resource's JSON on one line: whitespace outside strings removed, everything else kept byte
 /// for byte (decimals keep their precision, which a parse and print would not).
 pub fn minify(json: &str) -> Vec<u8> {
@@ -302,7 +309,8 @@ mod tests {
     fn a_page_keeps_only_what_is_new_and_moves_the_edge() {
         // (after, pages as (items, has next), what each page keeps)
         type Page<'a> = (Vec<(&'a str, &'a str)>, bool);
-        let table: Vec<(Option<&str>, Vec<Page>, Vec<Vec<&str>>)> = vec![
+        type Case<'a> = (Option<&'a str>, Vec<Page<'a>>, Vec<Vec<&'a str>>);
+        let table: Vec<Case> = vec![
             // the second query starts at the first page's last instant: a and b come again
             (
                 None,
@@ -344,6 +352,7 @@ mod tests {
         let http =
             HttpClient::new(&super::super::client::ClientConfig::new(Url::parse("http://h/fhir/").unwrap())).unwrap();
         let u = crawl(Some("05")).url(&http);
+        assert_eq!(millis("2026-12-02T03:22:32.176009859Z".parse().unwrap()), "2026-12-02T03:22:32.176Z");
         assert_eq!(
             u.as_str(),
             "http://h/fhir/Patient?_lastUpdated=ge2026-12-01T00%3A00%3A05Z&_lastUpdated=le2026-12-01T00%3A00%3A50Z&_sort=_lastUpdated&_count=1000"

@@ -14,6 +14,7 @@ pub mod s3;
 pub mod smart;
 pub mod source;
 pub mod source_rest;
+pub mod source_search;
 pub mod tls;
 pub mod world;
 

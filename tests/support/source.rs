@@ -112,6 +112,9 @@ pub struct SourceConfig {
     pub export_slots: i32,
     /// History, searches by `_id` and reads.
     pub rest: super::source_rest::RestConfig,
+    /// FHIR search over a store of resources (for `export.method: Search`); it answers searches and
+    /// type histories before `rest` does.
+    pub search: Option<super::source_search::SearchStore>,
     /// Kick-offs with `_elements` answer 400 (servers that do not support it).
     pub refuse_elements: bool,
     /// Output of exports with `_since` (changes only), when set; `files` otherwise.
@@ -169,6 +172,7 @@ impl Default for SourceConfig {
             gzip_bomb_mib: None,
             export_slots: 1,
             rest: Default::default(),
+            search: None,
             refuse_elements: false,
             since_files: None,
         }
@@ -393,10 +397,18 @@ fn kickoff_inner(
     if rest == "metadata" {
         let i = s.inner.lock().unwrap();
         let types: Vec<String> = i.cfg.files.iter().map(|f| f.0.clone()).collect();
-        let cs = json!({"resourceType": "CapabilityStatement", "status": "active", "kind": "instance", "fhirVersion": "4.0.1",
+        let mut cs = json!({"resourceType": "CapabilityStatement", "status": "active", "kind": "instance", "fhirVersion": "4.0.1",
             "software": {"name": "fhirsync test source", "version": "1"},
             "instantiates": ["http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"],
             "rest": [super::source_rest::capability_rest(&i.cfg.rest, &types)]});
+        if let Some(store) = &i.cfg.search {
+            cs["rest"] = json!([store.capability_rest()]);
+            if store.no_export() {
+                cs.as_object_mut().unwrap().remove("instantiates");
+            } else {
+                cs["rest"][0]["operation"] = json!([{"name": "export"}]);
+            }
+        }
         return (StatusCode::OK, [(header::CONTENT_TYPE, "application/fhir+json")], cs.to_string()).into_response();
     }
     if !rest.ends_with("$export") && method == "GET" {
@@ -406,13 +418,17 @@ fn kickoff_inner(
         let origin = s.origin();
         let mut i = s.inner.lock().unwrap();
         let Inner { cfg, log, .. } = &mut *i;
+        if let Some(r) = cfg.search.as_ref().and_then(|st| st.handle(&origin, &rest, q.as_deref().unwrap_or(""))) {
+            return r;
+        }
         if let Some(r) =
             super::source_rest::handle(&cfg.rest, &mut log.rest, &origin, &rest, q.as_deref().unwrap_or(""))
         {
             return r;
         }
     }
-    if !rest.ends_with("$export") {
+    let no_export = s.inner.lock().unwrap().cfg.search.as_ref().is_some_and(|st| st.no_export());
+    if !rest.ends_with("$export") || no_export {
         return (StatusCode::NOT_FOUND, outcome("error", "not-found", "unknown path")).into_response();
     }
     if let Some(r) = unauthorized(s, &headers) {
