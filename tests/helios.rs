@@ -1,7 +1,8 @@
 //! Against a real, independent FHIR server: the Helios FHIR Server as the source of `fhirsync
 //! sync-once` (Pathling is the in-process double). A full sync, creates, updates and deletes at the
 //! source, an incremental sync: Pathling holds exactly the ids Helios holds, per type. Then drift
-//! planted in Pathling is found by a verification and repaired.
+//! planted in Pathling is found by a verification and repaired. The same full and incremental sync
+//! again by search (`export.method: Search`), as for a source without `$export`.
 
 mod support;
 
@@ -13,7 +14,7 @@ use support::source::SourceConfig;
 
 const TYPES: [&str; 2] = ["Patient", "Observation"];
 
-async fn setup() -> (Helios, Cli, Vec<String>) {
+async fn setup(method: &str) -> (Helios, Cli, Vec<String>) {
     let helios = Helios::start().await;
     helios.put(&patients("p", 20)).await;
     helios.put(&observations("o", 60, 20)).await;
@@ -22,7 +23,7 @@ async fn setup() -> (Helios, Cli, Vec<String>) {
             .await;
     let yaml = format!(
         "apiVersion: fhirsync.io/v1alpha1\nkind: BulkExportSync\nmetadata: {{name: helios, namespace: cli}}\nspec:\n  \
-         source: {{url: \"{}\", maxPollInterval: 1s}}\n  export: {{types: [Patient, Observation]}}\n  \
+         source: {{url: \"{}\", maxPollInterval: 1s}}\n  export: {{types: [Patient, Observation], method: {method}}}\n  \
          target: {{url: \"{}\"}}\n  sinceOverlap: 0s\n  \
          staging: {{volume: {{path: \"{}\", pathlingPath: \"file:///staging\"}}}}\n",
         helios.base,
@@ -53,7 +54,16 @@ async fn assert_equal(helios: &Helios, c: &Cli) {
 
 #[tokio::test]
 async fn full_then_incremental_sync_keeps_pathling_equal_to_helios_deletes_included() {
-    let (helios, c, args) = setup().await;
+    full_then_incremental("BulkExport").await;
+}
+
+#[tokio::test]
+async fn full_then_incremental_sync_by_search_keeps_pathling_equal_to_helios() {
+    full_then_incremental("Search").await;
+}
+
+async fn full_then_incremental(method: &str) {
+    let (helios, c, args) = setup(method).await;
     let first = run(&c, &args).await;
     assert_eq!(first["totalResources"], 80, "{first}");
     assert_eq!(first["deletionSource"], "FullExport");
@@ -84,7 +94,7 @@ async fn full_then_incremental_sync_keeps_pathling_equal_to_helios_deletes_inclu
 
 #[tokio::test]
 async fn a_verification_against_helios_finds_planted_drift_and_repairs_it() {
-    let (helios, c, mut args) = setup().await;
+    let (helios, c, mut args) = setup("BulkExport").await;
     run(&c, &args).await;
     assert_equal(&helios, &c).await;
     c.pathling.remove("Observation", "o7");

@@ -56,6 +56,11 @@ pub struct Summary {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub message: String,
+    /// How the source was read: `BulkExport` or `Search`.
+    pub method: &'static str,
+    /// Search pages read (a run by search).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search_pages: Option<u32>,
     pub since: Option<Timestamp>,
     pub resources: std::collections::BTreeMap<String, i64>,
     pub total_resources: i64,
@@ -200,6 +205,8 @@ async fn run_inner(args: &Args) -> Result<i32, CliError> {
         phase: status.phase,
         reason: status.reason.clone(),
         message: status.message.clone().unwrap_or_default(),
+        method: if status.crawl.is_some() { "Search" } else { "BulkExport" },
+        search_pages: status.crawl.as_ref().map(|c| c.pages),
         since: run_state.since,
         total_resources: status.resources.values().sum(),
         resources: status.resources.clone(),
@@ -256,6 +263,10 @@ fn print_text(s: &Summary) {
         if ok { "Succeeded".to_string() } else { format!("Failed ({})", s.reason.clone().unwrap_or_default()) }
     );
     println!("message:    {}", s.message);
+    match s.search_pages {
+        Some(p) => println!("method:     Search ({p} pages)"),
+        None => println!("method:     {}", s.method),
+    }
     println!("since:      {}", s.since.map(|t| t.to_string()).unwrap_or_else(|| "(full export)".into()));
     println!("resources:  {}", s.total_resources);
     for (t, n) in &s.resources {

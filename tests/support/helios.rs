@@ -43,6 +43,12 @@ pub struct Helios {
 impl Helios {
     /// Starts Helios with a fresh database and waits until it answers.
     pub async fn start() -> Self {
+        Self::start_as(None).await
+    }
+
+    /// [`Helios::start`], with the base URL Helios puts into the URLs it hands out (export status,
+    /// files, links) when it is reached through something in front of it.
+    pub async fn start_as(public_base: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let base = format!("http://127.0.0.1:{port}");
@@ -53,7 +59,7 @@ impl Helios {
             .arg(dir.path().join("fhir.db"))
             .arg("--data-dir")
             .arg(data_dir())
-            .env("HFS_BASE_URL", &base)
+            .env("HFS_BASE_URL", public_base.unwrap_or(&base))
             .env("HFS_SUBSCRIPTIONS_ENABLED", "true")
             .env("HFS_BULK_EXPORT_OUTPUT_DIR", dir.path().join("exports"))
             .current_dir(dir.path())

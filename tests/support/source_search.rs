@@ -231,7 +231,9 @@ fn search(s: &State, origin: &str, t: &str, q: &[(String, String)]) -> Response 
                 hits.retain(|(_, id, _)| ids.contains(&id.as_str()));
             }
             "_sort" | "_count" | "_getpagesoffset" | "_elements" => {}
-            other => hits.retain(|(_, _, r)| r[other].as_str() == Some(v.as_str()) || v.parse::<i64>().is_ok_and(|n| r[other] == n)),
+            other => hits.retain(|(_, _, r)| {
+                r[other].as_str() == Some(v.as_str()) || v.parse::<i64>().is_ok_and(|n| r[other] == n)
+            }),
         }
     }
     if get("_sort") == Some("_lastUpdated") && !s.cfg.ignore_sort {
