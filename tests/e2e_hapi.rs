@@ -3,14 +3,15 @@
 //! on HAPI that PUT every change straight into Pathling (`delivery: Direct`); the target is the
 //! Pathling 3 emulator (real Pathling cannot be had from Maven Central here) — and the same through
 //! fhirsync's relay (`delivery: Relay`). Creates, updates and deletes at HAPI reach Pathling both
-//! ways; deleting the syncs removes the Subscriptions from HAPI.
+//! ways; deleting the syncs removes the Subscriptions from HAPI. And Pathling down for two minutes
+//! under Direct push: HAPI drops what it could not deliver, fhirsync's catch-up brings it back.
 
 mod support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use fhirsync::api::FhirSubscriptionSync;
+use fhirsync::api::{BulkExportRun, BulkExportSync, FhirSubscriptionSync};
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -112,4 +113,86 @@ async fn hapi_pushes_changes_into_pathling_directly_and_through_the_relay() {
         wait_deleted(&api, name, &o.uid().unwrap(), 60).await;
     }
     assert!(hapi.ids("Subscription").await.is_empty(), "Subscriptions left at HAPI");
+}
+
+/// HAPI retries a failed delivery for about a minute, then drops it, and its Subscription stays
+/// `active`: nothing at HAPI says a change was lost. With `catchUp`, fhirsync watches Pathling, and
+/// when it answers again after two minutes down, a catch-up run brings what HAPI dropped.
+#[tokio::test]
+async fn direct_push_loses_nothing_while_pathling_is_down_for_two_minutes() {
+    let _g = SERIAL.lock().await;
+    let hapi = Hapi::start(&[]).await;
+    let client = cluster::client().await;
+    cluster::install_crds(&client).await;
+    let ns = cluster::namespace("hapi-outage");
+    let api: Api<FhirSubscriptionSync> = Api::namespaced(client.clone(), &ns);
+    let bes: Api<BulkExportSync> = Api::namespaced(client.clone(), &ns);
+    let dir = tempfile::tempdir().unwrap();
+    let staging = dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let pathling = FakePathling::start(PathlingConfig {
+        roots: vec![("file:///usr/share/staging".into(), staging.clone())],
+        ..Default::default()
+    })
+    .await;
+    let _op = Operator::start(&ns, dir.path(), &[]);
+    let b = json!({"apiVersion": "fhirsync.io/v1alpha1", "kind": "BulkExportSync",
+        "metadata": {"name": "catch-up", "namespace": ns},
+        "spec": {"source": {"url": hapi.base, "maxPollInterval": "1s"}, "target": {"url": pathling.base},
+                 "export": {"types": ["Patient"]}, "suspend": true,
+                 "staging": {"volume": {"path": staging.display().to_string(), "pathlingPath": "file:///usr/share/staging"}}}});
+    bes.patch("catch-up", &PatchParams::apply("e2e").force(), &Patch::Apply(&b)).await.unwrap();
+    let d = json!({"apiVersion": "fhirsync.io/v1alpha1", "kind": "FhirSubscriptionSync",
+        "metadata": {"name": "direct", "namespace": ns},
+        "spec": {"source": {"url": hapi.base}, "criteria": ["Patient?"], "endpoint": pathling.base,
+                 "sendDeletes": true, "verifyInterval": "2s",
+                 "catchUp": {"bulkExportSyncRef": {"name": "catch-up"}}}});
+    api.patch("direct", &PatchParams::apply("e2e").force(), &Patch::Apply(&d)).await.unwrap();
+    wait_for(&api, "direct", 120, "the Direct Subscription active", |o| fss_all_active(o, 1)).await;
+    hapi.put(&[json!({"resourceType": "Patient", "id": "a1", "active": true})]).await;
+    holds(&pathling, "Patient", &["a1"]).await;
+
+    // Pathling goes down; meanwhile a create and an update at HAPI
+    pathling.configure(|c| c.down = true);
+    hapi.put(&[json!({"resourceType": "Patient", "id": "a2", "active": true})]).await;
+    hapi.put(&[json!({"resourceType": "Patient", "id": "a1", "active": false})]).await;
+    let o = wait_for(&api, "direct", 60, "TargetUnavailable", |o| {
+        o.status.as_ref().is_some_and(|s| s.target_unavailable_since.is_some())
+    })
+    .await;
+    assert_eq!(cluster::fss_cond(&o, "Degraded").map(|c| c.1), Some("TargetUnavailable".to_string()));
+    // the outage under test: two minutes, longer than HAPI's retries
+    tokio::time::sleep(Duration::from_secs(100)).await;
+    let tried = pathling.log().refused_while_down;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    eprintln!(
+        "requests refused while Pathling was down: {tried} after 100 s, {} after 120 s (HAPI's retries and fhirsync's probes)",
+        pathling.log().refused_while_down
+    );
+    assert!(tried > 2, "HAPI tried to deliver: {tried}");
+    assert!(pathling.get("Patient", "a2").is_none(), "nothing reached Pathling while it was down");
+    let o = api.get("direct").await.unwrap();
+    assert!(fss_all_active(&o, 1), "HAPI's Subscription stays active: {:?}", o.status);
+
+    // back: a catch-up run brings what HAPI dropped
+    pathling.configure(|c| c.down = false);
+    let mut rx = pathling.requests();
+    let r = tokio::time::timeout(Duration::from_secs(300), async {
+        loop {
+            let a1 = pathling.get("Patient", "a1").is_some_and(|p| p["active"] == false);
+            if a1 && pathling.get("Patient", "a2").is_some() {
+                return;
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "after the outage: {:?}", pathling.ids("Patient"));
+    let o = wait_for(&api, "direct", 60, "the outage over", |o| {
+        o.status.as_ref().is_some_and(|s| s.target_unavailable_since.is_none())
+    })
+    .await;
+    assert_eq!(cluster::fss_cond(&o, "Degraded").map(|c| c.0), Some("False".to_string()));
+    let runs = Api::<BulkExportRun>::namespaced(client, &ns).list(&Default::default()).await.unwrap();
+    assert_eq!(runs.items.len(), 1, "one catch-up run for one outage");
 }

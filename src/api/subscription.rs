@@ -50,9 +50,12 @@ pub struct FhirSubscriptionSyncSpec {
     /// With `Relay`: the Pathling server the relay writes into, with its own credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<FhirServer>,
-    /// With `Relay`: the BulkExportSync (same namespace, same source and target) that is run, as
-    /// `fhirsync.io/run-now` does, when the relay knows it missed changes (a gap in event numbers, an
-    /// `error` status, an `empty` payload, a change it could not apply).
+    /// The BulkExportSync (same namespace, same source and target) that is run, as
+    /// `fhirsync.io/run-now` does, when changes were missed. With `Relay`: when the relay knows it
+    /// missed some (a gap in event numbers, an `error` status, an `empty` payload, a change it could
+    /// not apply). With `Direct`: fhirsync watches that sync's Pathling (every 15 s) and runs it when
+    /// Pathling answers again after it did not — the source gives up on deliveries that failed for
+    /// long enough (HAPI after about a minute) and its Subscription stays `active`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub catch_up: Option<CatchUp>,
     /// One Subscription per criteria, e.g. `Observation?status=final` or `Patient?` (unique).
@@ -91,9 +94,9 @@ fn default_verify() -> String {
 }
 
 /// CEL rule: what each delivery mode needs.
-pub const DELIVERY_RULE: &str = "self.delivery == 'Relay' ? (has(self.target) && !has(self.endpoint) && !has(self.headersRef)) : (has(self.endpoint) && !has(self.target) && !has(self.catchUp))";
+pub const DELIVERY_RULE: &str = "self.delivery == 'Relay' ? (has(self.target) && !has(self.endpoint) && !has(self.headersRef)) : (has(self.endpoint) && !has(self.target))";
 /// Message of [`DELIVERY_RULE`].
-pub const DELIVERY_MSG: &str = "delivery Direct needs endpoint (and takes no target or catchUp); delivery Relay needs target (and takes no endpoint or headersRef)";
+pub const DELIVERY_MSG: &str = "delivery Direct needs endpoint (and takes no target); delivery Relay needs target (and takes no endpoint or headersRef)";
 
 /// How changes reach Pathling.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -176,6 +179,10 @@ pub struct FhirSubscriptionSyncStatus {
     /// With `Relay`: what the relay received and wrote.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<RelayStatus>,
+    /// With `Direct` and `catchUp`: since when the catch-up sync's Pathling has not answered (the
+    /// source's deliveries fail meanwhile). Cleared, with a catch-up run, once it answers again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_unavailable_since: Option<Time>,
 }
 
 /// What the relay did for one FhirSubscriptionSync.

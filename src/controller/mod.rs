@@ -28,6 +28,7 @@ mod subscription_desired;
 pub mod subscription_sync;
 mod sync_preflight;
 mod sync_runs;
+mod target_watch;
 
 /// Flags of `fhirsync run`.
 #[derive(Debug, Clone, clap::Args)]

@@ -165,14 +165,11 @@ async fn catch_up(
         let (kind, note) = match api.patch(&req.sync, &PatchParams::default(), &Patch::Merge(&patch)).await {
             Ok(_) => (
                 EventType::Normal,
-                format!(
-                    "the relay missed changes ({}); started a catch-up run of BulkExportSync {}",
-                    req.why, req.sync
-                ),
+                format!("{}; started a catch-up run of BulkExportSync {}", req.why, req.sync),
             ),
             Err(e) => (
                 EventType::Warning,
-                format!("the relay missed changes ({}) but could not start BulkExportSync {}: {e}", req.why, req.sync),
+                format!("{}, but BulkExportSync {} could not be started: {e}", req.why, req.sync),
             ),
         };
         tracing::info!(fss = %format!("{}/{}", req.namespace, req.from), bes = %req.sync, "{note}");

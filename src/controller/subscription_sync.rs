@@ -116,7 +116,18 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
             return Ok(Action::await_change());
         }
     };
-    let retry_soon = Action::requeue(verify.min(Duration::from_secs(30)));
+    // Direct with catchUp: fhirsync is not in the data path, so it watches Pathling instead
+    let watched = match (spec.delivery, &spec.catch_up) {
+        (Delivery::Direct, Some(c)) => {
+            let bes = c.bulk_export_sync_ref.name.clone();
+            super::target_watch::watch(&ctx, &ns, &name, &bes, &mut st, gen_).await;
+            Some(bes)
+        }
+        _ => None,
+    };
+    let every = watched.as_ref().map(|_| super::target_watch::PROBE_EVERY);
+    let requeue = |d: Duration| Action::requeue(every.map_or(d, |p| d.min(p)));
+    let retry_soon = requeue(verify.min(Duration::from_secs(30)));
     // every verifyInterval (the watch ignores our own status writes); after a restart the first
     // verifications of settled syncs are spread over the interval instead of all at once
     let uid = obj.uid().unwrap_or_default();
@@ -135,7 +146,7 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
     }
     if let Some(wait) = ctx.verification_wait(&uid, verify, settled) {
         write_status(&api, &obj, &before, &st).await?;
-        return Ok(Action::requeue(wait));
+        return Ok(requeue(wait));
     }
     ctx.verified(&uid);
     let timing = server_timing(&spec.source, "spec.source").unwrap_or_else(|_| default_timing());
@@ -169,7 +180,7 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
     if let Some(why) = unsupported {
         not_ready(&mut st, gen_, "SourceUnsupported", why);
         write_status(&api, &obj, &before, &st).await?;
-        return Ok(Action::requeue(verify));
+        return Ok(requeue(verify));
     }
     let mut plan = match super::subscription_desired::plan(&ctx, &obj, &caps, client.http()).await {
         Ok(p) => p,
@@ -367,9 +378,9 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
         // sources activate within seconds: look again soon — and a first status that would only
         // say "requested" waits for that look (one write instead of two)
         if before.observed_generation.is_none() && ctx.defer_first_write(&uid) {
-            return Ok(Action::requeue(Duration::from_secs(2)));
+            return Ok(requeue(Duration::from_secs(2)));
         }
-        Action::requeue(verify.min(Duration::from_secs(5)))
+        requeue(verify.min(Duration::from_secs(5)))
     } else {
         set_condition(
             &mut st.conditions,
@@ -380,11 +391,14 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
             gen_,
         );
         set_condition(&mut st.conditions, types::DEGRADED, false, "AllActive", "all Subscriptions are active", gen_);
-        Action::requeue(verify)
+        requeue(verify)
     };
     if spec.delivery == Delivery::Relay {
         st.relay = ctx.relay.status(&ns, &name).or(st.relay.take());
         super::subscription_desired::missed_condition(&mut st, spec, gen_);
+    }
+    if let Some(bes) = &watched {
+        super::target_watch::mark_down(&mut st, bes, gen_);
     }
     if !write_status(&api, &obj, &before, &st).await? {
         return Ok(Action::requeue(Duration::from_millis(200)));

@@ -188,7 +188,7 @@ impl Relay {
             namespace: s.cfg.namespace.clone(),
             from: s.cfg.name.clone(),
             sync: sync.clone(),
-            why: why.to_string(),
+            why: format!("the relay missed changes ({why})"),
         });
     }
 }

@@ -268,6 +268,16 @@ impl Relay {
         );
     }
 
+    /// Asks for a catch-up run for a sync the relay does not carry (`Direct` delivery: fhirsync saw
+    /// its target down). `why` is the whole sentence the Event starts with.
+    pub fn request_catch_up(&self, req: CatchUpRequest) {
+        self.metrics
+            .relay_catch_ups
+            .get_or_create(&SyncLabels { namespace: req.namespace.clone(), name: req.from.clone() })
+            .inc();
+        let _ = self.catch_ups.send(req);
+    }
+
     /// Records that a sync's changes may have been missed and asks for its catch-up now (within the
     /// usual bound of one per 30 s): the controller knows when the source will refuse or drop
     /// deliveries — it has just changed the Subscriptions' credential.

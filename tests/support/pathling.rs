@@ -55,6 +55,9 @@ pub struct PathlingConfig {
     pub write_delay: Option<std::time::Duration>,
     /// Every write answers this status (Pathling down, or refusing).
     pub writes_forever: Option<u16>,
+    /// Down: every request answers 503 (and counts as `refused_while_down`), as a Pathling that is
+    /// restarting behind its Service.
+    pub down: bool,
     /// A batch or PUT containing one of these ids fails whole with 400 (a resource Pathling cannot
     /// encode).
     pub reject_ids: Vec<String>,
@@ -91,6 +94,8 @@ pub struct PathlingLog {
     pub export_files: u32,
     /// Write requests (batches, PUTs, DELETEs) received.
     pub writes: u32,
+    /// Requests answered 503 while `down`.
+    pub refused_while_down: u32,
     /// Batches received, and the entries in them.
     pub batches: u32,
     pub batch_entries: u32,
@@ -123,6 +128,26 @@ pub struct FakePathling {
     writes: Arc<tokio::sync::Mutex<()>>,
     changed: watch::Sender<u64>,
     pub base: String,
+}
+
+/// Answers 503 to everything while the emulator is configured `down`.
+async fn when_down(
+    State(p): State<FakePathling>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let down = {
+        let mut i = p.inner.lock().unwrap();
+        if i.cfg.down {
+            i.log.refused_while_down += 1;
+        }
+        i.cfg.down
+    };
+    if down {
+        p.touch();
+        return (StatusCode::SERVICE_UNAVAILABLE, "Pathling is restarting").into_response();
+    }
+    next.run(req).await
 }
 
 impl FakePathling {
@@ -159,6 +184,7 @@ impl FakePathling {
                 let page = "<!DOCTYPE html><html><head><title>404 Not Found</title></head><body><h1>Not Found</h1></body></html>";
                 (StatusCode::NOT_FOUND, [(header::CONTENT_TYPE, "text/html")], page)
             })
+            .layer(axum::middleware::from_fn_with_state(me.clone(), when_down))
             .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(me.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.ok() });
