@@ -3,7 +3,9 @@
 //! on HAPI that PUT every change straight into Pathling (`delivery: Direct`); the target is the
 //! Pathling 3 emulator (real Pathling cannot be had from Maven Central here) — and the same through
 //! fhirsync's relay (`delivery: Relay`). Creates, updates and deletes at HAPI reach Pathling both
-//! ways; deleting the syncs removes the Subscriptions from HAPI. And Pathling down for two minutes
+//! ways; the operator killed and restarted while HAPI changes resources loses nothing and makes no
+//! second Subscription; a Subscription deleted at HAPI comes back; deleting the syncs removes the
+//! Subscriptions from HAPI. And Pathling down for two minutes
 //! under Direct push: HAPI drops what it could not deliver, fhirsync's catch-up brings it back.
 
 mod support;
@@ -48,11 +50,10 @@ async fn hapi_pushes_changes_into_pathling_directly_and_through_the_relay() {
     std::fs::write(&key, "a relay key shared by every replica, 32 bytes or more").unwrap();
     let receiver = format!("127.0.0.1:{}", cluster::free_port());
     let url = format!("http://{receiver}");
-    let _op = Operator::start(
-        &ns,
-        dir.path(),
-        &["--receiver-addr", &receiver, "--receiver-url", &url, "--relay-key-file", &key.display().to_string()],
-    );
+    let key_file = key.display().to_string();
+    let args =
+        ["--receiver-addr", receiver.as_str(), "--receiver-url", url.as_str(), "--relay-key-file", key_file.as_str()];
+    let mut op = Operator::start(&ns, dir.path(), &args);
     let fss = |name: &str, spec: serde_json::Value| {
         json!({"apiVersion": "fhirsync.io/v1alpha1", "kind": "FhirSubscriptionSync",
                "metadata": {"name": name, "namespace": ns}, "spec": spec})
@@ -100,12 +101,36 @@ async fn hapi_pushes_changes_into_pathling_directly_and_through_the_relay() {
     })
     .await;
     assert!(r.is_ok(), "updates: {:?} {:?}", direct.get("Patient", "a1"), relayed.get("Observation", "ob1"));
+    // the operator killed while HAPI changes resources, then restarted: HAPI delivers Direct without
+    // it, retries the relay's until the receiver is back; nothing lost, no duplicate Subscription
+    op.kill();
+    hapi.put(&[json!({"resourceType": "Patient", "id": "a2", "active": true})]).await;
+    hapi.put(&[json!({"resourceType": "Observation", "id": "ob2", "status": "final",
+                      "code": {"text": "height"}, "subject": {"reference": "Patient/a2"}})])
+        .await;
+    let _op = Operator::start(&ns, dir.path(), &args);
+    holds(&direct, "Patient", &["a1", "a2"]).await;
+    holds(&relayed, "Observation", &["ob1", "ob2"]).await;
+    wait_for(&api, "direct", 60, "still active after the restart", |o| fss_all_active(o, 1)).await;
+    assert_eq!(hapi.ids("Subscription").await.len(), 2, "one Subscription per sync after the restart");
+
+    // a Subscription deleted at HAPI behind the operator's back comes back, and delivers
+    let gone = od.status.as_ref().unwrap().subscriptions[0].id.clone().unwrap();
+    hapi.delete("Subscription", &gone).await;
+    wait_for(&api, "direct", 60, "the deleted Subscription made again", |o| {
+        fss_all_active(o, 1) && o.status.as_ref().unwrap().subscriptions[0].id.as_deref() != Some(gone.as_str())
+    })
+    .await;
+    assert_eq!(hapi.ids("Subscription").await.len(), 2);
+    hapi.put(&[json!({"resourceType": "Patient", "id": "a3", "active": true})]).await;
+    holds(&direct, "Patient", &["a1", "a2", "a3"]).await;
+
     // deletes arrive (fhirsync sets HAPI's send-delete extension); HAPI keeps referential
     // integrity: the Observation goes before the Patient it refers to
     hapi.delete("Observation", "ob1").await;
     hapi.delete("Patient", "a1").await;
-    holds(&direct, "Patient", &[]).await;
-    holds(&relayed, "Observation", &[]).await;
+    holds(&direct, "Patient", &["a2", "a3"]).await;
+    holds(&relayed, "Observation", &["ob2"]).await;
 
     // deleting the syncs removes their Subscriptions from HAPI
     for (name, o) in [("direct", &od), ("relay", &or)] {

@@ -163,14 +163,10 @@ async fn catch_up(
         let value = format!("catch-up-{}", jiff::Timestamp::now().as_millisecond());
         let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION_RUN_NOW: value}}});
         let (kind, note) = match api.patch(&req.sync, &PatchParams::default(), &Patch::Merge(&patch)).await {
-            Ok(_) => (
-                EventType::Normal,
-                format!("{}; started a catch-up run of BulkExportSync {}", req.why, req.sync),
-            ),
-            Err(e) => (
-                EventType::Warning,
-                format!("{}, but BulkExportSync {} could not be started: {e}", req.why, req.sync),
-            ),
+            Ok(_) => (EventType::Normal, format!("{}; started a catch-up run of BulkExportSync {}", req.why, req.sync)),
+            Err(e) => {
+                (EventType::Warning, format!("{}, but BulkExportSync {} could not be started: {e}", req.why, req.sync))
+            }
         };
         tracing::info!(fss = %format!("{}/{}", req.namespace, req.from), bes = %req.sync, "{note}");
         let obj = ObjectReference {

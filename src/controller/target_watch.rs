@@ -85,7 +85,14 @@ async fn client(ctx: &Context, ns: &str, bes: &str) -> Result<HttpClient, String
 
 /// Probes the catch-up sync's Pathling, records the outage in `st` and asks for the catch-up run
 /// when one ended. `from` is the FhirSubscriptionSync.
-pub async fn watch(ctx: &Context, ns: &str, from: &str, bes: &str, st: &mut FhirSubscriptionSyncStatus, gen_: Option<i64>) {
+pub async fn watch(
+    ctx: &Context,
+    ns: &str,
+    from: &str,
+    bes: &str,
+    st: &mut FhirSubscriptionSyncStatus,
+    gen_: Option<i64>,
+) {
     let answered = match client(ctx, ns, bes).await {
         Ok(c) => {
             let probe = tokio::time::timeout(PROBE_TIMEOUT, crate::fhir::capabilities::read(&c)).await;
