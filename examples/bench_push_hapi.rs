@@ -77,15 +77,7 @@ async fn main() {
     let direct = FakePathling::start(PathlingConfig::default()).await;
     let relayed = FakePathling::start(PathlingConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("relay.key");
-    std::fs::write(&key, "a relay key shared by every replica, 32 bytes or more").unwrap();
-    let receiver = format!("127.0.0.1:{}", cluster::free_port());
-    let url = format!("http://{receiver}");
-    let _op = Operator::start(
-        &ns,
-        dir.path(),
-        &["--receiver-addr", &receiver, "--receiver-url", &url, "--relay-key-file", &key.display().to_string()],
-    );
+    let _op = Operator::start_with(&ns, dir.path(), &Operator::relay_args(dir.path()));
     for (name, spec) in [
         ("direct", json!({"source": {"url": hapi.base}, "criteria": ["Patient?"], "endpoint": direct.base})),
         (

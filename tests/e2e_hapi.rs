@@ -46,14 +46,8 @@ async fn hapi_pushes_changes_into_pathling_directly_and_through_the_relay() {
     let direct = FakePathling::start(PathlingConfig::default()).await;
     let relayed = FakePathling::start(PathlingConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("relay.key");
-    std::fs::write(&key, "a relay key shared by every replica, 32 bytes or more").unwrap();
-    let receiver = format!("127.0.0.1:{}", cluster::free_port());
-    let url = format!("http://{receiver}");
-    let key_file = key.display().to_string();
-    let args =
-        ["--receiver-addr", receiver.as_str(), "--receiver-url", url.as_str(), "--relay-key-file", key_file.as_str()];
-    let mut op = Operator::start(&ns, dir.path(), &args);
+    let args = Operator::relay_args(dir.path());
+    let mut op = Operator::start_with(&ns, dir.path(), &args);
     let fss = |name: &str, spec: serde_json::Value| {
         json!({"apiVersion": "fhirsync.io/v1alpha1", "kind": "FhirSubscriptionSync",
                "metadata": {"name": name, "namespace": ns}, "spec": spec})
@@ -108,7 +102,7 @@ async fn hapi_pushes_changes_into_pathling_directly_and_through_the_relay() {
     hapi.put(&[json!({"resourceType": "Observation", "id": "ob2", "status": "final",
                       "code": {"text": "height"}, "subject": {"reference": "Patient/a2"}})])
         .await;
-    let _op = Operator::start(&ns, dir.path(), &args);
+    let _op = Operator::start_with(&ns, dir.path(), &args);
     holds(&direct, "Patient", &["a1", "a2"]).await;
     holds(&relayed, "Observation", &["ob1", "ob2"]).await;
     wait_for(&api, "direct", 60, "still active after the restart", |o| fss_all_active(o, 1)).await;

@@ -151,8 +151,7 @@ impl Engine {
         mem: &mut Memory,
         progress: &watch::Sender<BulkExportRunStatus>,
     ) -> Result<Next, Failure> {
-        let staging =
-            self.setup.staging.clone().ok_or_else(|| Failure::new(Reason::InvalidSpec, "no staging configured"))?;
+        let staging = self.staging()?;
         let types = match self.crawl_types(st, mem).await? {
             Ok(t) => t,
             Err(next) => return Ok(next),

@@ -102,6 +102,11 @@ pub(crate) fn now() -> Time {
 }
 
 impl Engine {
+    /// The run's staging area (every run but pingAndPull has one).
+    pub(crate) fn staging(&self) -> Result<Arc<dyn crate::staging::Staging>, Failure> {
+        self.setup.staging.clone().ok_or_else(|| Failure::new(Reason::InvalidSpec, "no staging configured"))
+    }
+
     pub(crate) fn scaled(&self, d: Duration) -> Duration {
         d.mul_f64(self.backoff_scale)
     }

@@ -292,8 +292,7 @@ impl Engine {
         mem: &mut Memory,
         progress: &watch::Sender<BulkExportRunStatus>,
     ) -> Result<Next, Failure> {
-        let staging =
-            self.setup.staging.clone().ok_or_else(|| Failure::new(Reason::InvalidSpec, "no staging configured"))?;
+        let staging = self.staging()?;
         let m = match self.manifest(st, mem).await? {
             Ok(m) => m,
             Err(next) => return Ok(next),

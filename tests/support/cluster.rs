@@ -88,6 +88,24 @@ pub struct Operator {
 }
 
 impl Operator {
+    /// The flags of an operator with a receiver on a free port and a relay key written to `dir`
+    /// (shared by every start with them: a restarted operator keeps its Subscriptions' credential).
+    pub fn relay_args(dir: &std::path::Path) -> Vec<String> {
+        let key = dir.join("relay.key");
+        std::fs::write(&key, "a relay key shared by every replica, 32 bytes or more").unwrap();
+        let receiver = format!("127.0.0.1:{}", free_port());
+        let url = format!("http://{receiver}");
+        ["--receiver-addr", &receiver, "--receiver-url", &url, "--relay-key-file", &key.display().to_string()]
+            .map(String::from)
+            .to_vec()
+    }
+
+    /// Starts `fhirsync run` with `args` (owned, as [`Operator::relay_args`] makes them).
+    pub fn start_with(namespace: &str, staging_root: &std::path::Path, args: &[String]) -> Self {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::start(namespace, staging_root, &args)
+    }
+
     /// Starts `fhirsync run` for one namespace.
     pub fn start(namespace: &str, staging_root: &std::path::Path, extra: &[&str]) -> Self {
         Self::start_env(namespace, staging_root, extra, &[])
