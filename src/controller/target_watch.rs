@@ -106,10 +106,11 @@ pub async fn watch(
     };
     match step(st.target_unavailable_since.as_ref(), answered) {
         Outage::Up => {}
-        Outage::Began | Outage::Continues(_) => {
-            st.target_unavailable_since.get_or_insert_with(|| Time(Timestamp::now()));
+        Outage::Began => {
+            st.target_unavailable_since = Some(Time(Timestamp::now()));
             mark_down(st, bes, gen_);
         }
+        Outage::Continues(_) => mark_down(st, bes, gen_),
         Outage::Ended(since) => {
             st.target_unavailable_since = None;
             let secs = Timestamp::now().duration_since(since.0).as_secs().max(0);

@@ -186,18 +186,10 @@ impl Crawl {
             return Err(protocol(format!("{} search pages in a row brought nothing new", self.stale)));
         }
         let moved = self.edge.as_ref().map(|(t, _)| *t) != edge_before;
-        self.next = match (self.done, moved) {
-            // a later instant was reached: ask again from it
-            (true, _) | (false, true) => None,
-            // still inside one crowded instant: its next page
-            (false, false) => match self.links.follow(http, &url, next.as_deref(), "the search")? {
-                Some(n) => Some(n),
-                None => {
-                    self.done = true;
-                    None
-                }
-            },
-        };
+        // a later instant reached: ask again from it; still inside one crowded instant: its next page
+        // (`take` ended the crawl when the page had no next link)
+        self.next =
+            if self.done || moved { None } else { self.links.follow(http, &url, next.as_deref(), "the search")? };
         Ok(Some(fresh))
     }
 

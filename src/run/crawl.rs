@@ -86,17 +86,17 @@ pub fn check(export: &ExportRequest) -> Result<(), String> {
     Ok(())
 }
 
+/// The types a CapabilityStatement can search, sorted (a resumed crawl counts the types done in
+/// the same order).
+pub fn searchable(c: &crate::fhir::capabilities::Capabilities) -> Vec<String> {
+    c.resources.iter().filter(|(_, i)| i.contains("search-type")).map(|(t, _)| t.clone()).collect()
+}
+
 impl Engine {
     /// The search's window fixed and recorded before its first page: up to now (or `export.until`).
     pub(super) fn start_crawl(&self, st: &mut BulkExportRunStatus, why: &str) {
         let now_ts = Timestamp::now();
-        let up_to = self
-            .setup
-            .export
-            .until
-            .as_deref()
-            .and_then(|u| u.parse::<Timestamp>().ok())
-            .map_or(now_ts, |u| u.min(now_ts));
+        let up_to = self.until().map_or(now_ts, |u| u.min(now_ts));
         st.kickoff_time = Some(now());
         st.crawl = Some(CrawlStatus { up_to: Time(up_to), types_done: 0, after: None, pages: 0 });
         st.files = Some(FileCounts::default());
@@ -120,9 +120,7 @@ impl Engine {
         match crate::fhir::capabilities::read(self.setup.source.http()).await {
             Ok(c) => {
                 mem.streaks.ok();
-                // sorted, so a resumed crawl counts the types done in the same order
-                let types: Vec<String> =
-                    c.resources.iter().filter(|(_, i)| i.contains("search-type")).map(|(t, _)| t.clone()).collect();
+                let types = searchable(&c);
                 if types.is_empty() {
                     return Err(Failure::new(
                         Reason::ExportFailed,
@@ -185,8 +183,8 @@ impl Engine {
                 Ok(Some(items)) => items,
                 Ok(None) => {
                     mem.streaks.ok();
-                    if let Some(cm) = mem.crawl.take() {
-                        self.finish_file(st, cm.file, &t).await?;
+                    if let Some(f) = mem.crawl.take().and_then(|cm| cm.file) {
+                        self.finish_file(st, f, &t).await?;
                     }
                     if let Some(c) = st.crawl.as_mut() {
                         c.types_done += 1;
@@ -236,39 +234,36 @@ impl Engine {
         items: Vec<Item>,
     ) -> Result<bool, Failure> {
         let roll_bytes = FILE_BYTES.min(self.setup.values.max_file_bytes / 2).max(1);
+        let cm = mem.crawl.as_mut().ok_or_else(|| Failure::new(Reason::ExportFailed, "no crawl in progress"))?;
         let mut finished = false;
         let mut buf: Vec<u8> = vec![];
         for it in items {
-            let cm = mem.crawl.as_mut().ok_or_else(|| Failure::new(Reason::ExportFailed, "no crawl in progress"))?;
-            if let Some(f) = &cm.file
-                && (f.lines >= FILE_LINES || f.bytes >= roll_bytes)
+            let full = cm.file.as_ref().is_some_and(|f| f.lines >= FILE_LINES || f.bytes >= roll_bytes);
+            if full
                 && cm.last.is_some_and(|l| it.at > l)
+                && let Some(mut f) = cm.file.take()
             {
                 // every resource up to `last` is in this file or an earlier one
-                let mut f = cm.file.take();
-                if let Some(f) = f.as_mut() {
-                    write(f, std::mem::take(&mut buf)).await?;
-                }
-                let after = cm.last;
+                write(&mut f, std::mem::take(&mut buf)).await?;
                 self.finish_file(st, f, t).await?;
                 if let Some(c) = st.crawl.as_mut() {
-                    c.after = after.map(Time);
+                    c.after = cm.last.map(Time);
                 }
                 finished = true;
             }
-            let cm = mem.crawl.as_mut().ok_or_else(|| Failure::new(Reason::ExportFailed, "no crawl in progress"))?;
-            if cm.file.is_none() {
-                let index = st.files.as_ref().map_or(0, |f| f.staged) as usize;
-                let name = StagedName::output(t, index).ok_or_else(|| {
-                    Failure::new(Reason::InvalidSpec, format!("{} is not a resource type", peer_text(t, 64)))
-                })?;
-                let w = staging.create(&name.file_name()).await.map_err(|e| staging_failure(&name, e))?;
-                cm.file = Some(OpenFile { name, w, lines: 0, bytes: 0 });
-            }
-            let Some(f) = cm.file.as_mut() else { continue };
-            let len = it.line.len() as u64 + 1;
+            let f = match &mut cm.file {
+                Some(f) => f,
+                None => {
+                    let index = st.files.as_ref().map_or(0, |f| f.staged) as usize;
+                    let name = StagedName::output(t, index).ok_or_else(|| {
+                        Failure::new(Reason::InvalidSpec, format!("{} is not a resource type", peer_text(t, 64)))
+                    })?;
+                    let w = staging.create(&name.file_name()).await.map_err(|e| staging_failure(&name, e))?;
+                    cm.file.insert(OpenFile { name, w, lines: 0, bytes: 0 })
+                }
+            };
             f.lines += 1;
-            f.bytes += len;
+            f.bytes += it.line.len() as u64 + 1;
             if f.bytes > self.setup.values.max_file_bytes {
                 return Err(too_large(&f.name, FileError::FileTooLarge { limit: self.setup.values.max_file_bytes }));
             }
@@ -282,15 +277,14 @@ impl Engine {
                 write(f, std::mem::take(&mut buf)).await?;
             }
         }
-        if let Some(f) = mem.crawl.as_mut().and_then(|c| c.file.as_mut()) {
+        if let Some(f) = cm.file.as_mut() {
             write(f, buf).await?;
         }
         Ok(finished)
     }
 
     /// Finishes a staged file and counts it in the status.
-    async fn finish_file(&self, st: &mut BulkExportRunStatus, f: Option<OpenFile>, t: &str) -> Result<(), Failure> {
-        let Some(f) = f else { return Ok(()) };
+    async fn finish_file(&self, st: &mut BulkExportRunStatus, f: OpenFile, t: &str) -> Result<(), Failure> {
         let name = f.name.clone();
         f.w.finish().await.map_err(|e| staging_failure(&name, e))?;
         let files = st.files.get_or_insert_with(FileCounts::default);

@@ -81,6 +81,8 @@ impl Engine {
                 mem.method_checked = true;
                 match crate::fhir::capabilities::read(self.setup.source.http()).await {
                     Ok(c) if !super::preflight::offers_export(&c, crate::api::ExportLevel::System) => {
+                        // the crawl's types come from the same statement, not a second read
+                        mem.crawl_types = Some(super::crawl::searchable(&c)).filter(|t| !t.is_empty());
                         return self.fall_back_to_search(st, "its CapabilityStatement lists no $export");
                     }
                     Ok(_) => {}
@@ -241,12 +243,8 @@ impl Engine {
                 mem.streaks.ok();
                 mem.reset_polls();
                 // what the export covers: up to its transactionTime, and never past `_until`
-                st.transaction_time = [m.transaction_time.as_deref(), self.setup.export.until.as_deref()]
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|t| t.parse::<Timestamp>().ok())
-                    .min()
-                    .map(Time);
+                let tt = m.transaction_time.as_deref().and_then(|t| t.parse::<Timestamp>().ok());
+                st.transaction_time = [tt, self.until()].into_iter().flatten().min().map(Time);
                 st.progress = Some("export complete".into());
                 st.poll_attempts = 0;
                 if self.setup.verify.is_some() {

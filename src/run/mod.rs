@@ -107,6 +107,11 @@ impl Engine {
         self.setup.staging.clone().ok_or_else(|| Failure::new(Reason::InvalidSpec, "no staging configured"))
     }
 
+    /// `export.until`: what a run covers ends there at the latest.
+    pub(crate) fn until(&self) -> Option<Timestamp> {
+        self.setup.export.until.as_deref().and_then(|u| u.parse().ok())
+    }
+
     pub(crate) fn scaled(&self, d: Duration) -> Duration {
         d.mul_f64(self.backoff_scale)
     }

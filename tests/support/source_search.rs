@@ -97,7 +97,6 @@ impl SearchStore {
     /// The fake clock: every change moves it on by `step_ms` (0: the change shares the last instant).
     fn tick(s: &mut State, step_ms: i64) -> Timestamp {
         s.clock = s.clock.checked_add(SignedDuration::from_millis(step_ms)).unwrap();
-        // never behind the wall clock's past: an incremental run's `_since` is real time
         s.clock
     }
 
