@@ -3,6 +3,7 @@
 //! stores its status through one writer that never overwrites a finished run. A finalizer cancels a
 //! run that is deleted while running, using the run's own template (its sync may be gone already).
 
+use crate::fhir::retry::rules;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,7 +46,7 @@ async fn reconcile(run: Arc<BulkExportRun>, ctx: Arc<Context>) -> Result<Action,
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(e.to_string()))
+    .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
 async fn apply_run(run: Arc<BulkExportRun>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -83,16 +84,14 @@ impl Clone for Writer {
     }
 }
 
-/// Longest wait between two attempts to store a status.
-const WRITE_RETRY_MAX: Duration = Duration::from_secs(30);
-
 impl Writer {
     async fn write(&self, st: &BulkExportRunStatus) -> Result<(), PersistError> {
         let mut g = self.state.lock().await;
         if g.last.as_ref() == Some(st) {
             return Ok(());
         }
-        let mut attempt = 0u32;
+        let mut conflicts = 0u32;
+        let mut failures = rules::STATUS_WRITE.start();
         loop {
             let e = match apply(&self.api, &self.name, g.rv.as_deref(), st).await {
                 Ok(Applied::Written(rv)) => {
@@ -111,8 +110,8 @@ impl Writer {
                                 return Err(PersistError::Gone);
                             }
                             g.rv = r.resource_version();
-                            attempt += 1;
-                            if attempt < 5 {
+                            conflicts += 1;
+                            if conflicts < 5 {
                                 continue;
                             }
                             "repeated conflicts".to_string()
@@ -123,11 +122,9 @@ impl Writer {
                 }
                 Err(e) => e.to_string(),
             };
-            attempt += 1;
-            if attempt >= 8 {
+            let Some(wait) = failures.failed(None) else {
                 return Err(PersistError::Failed(e));
-            }
-            let wait = crate::fhir::retry::backoff(attempt, Duration::from_millis(200), WRITE_RETRY_MAX);
+            };
             tracing::debug!(run = %self.name, error = %e, "storing the run status failed; retrying");
             tokio::time::sleep(wait).await;
         }
@@ -142,16 +139,16 @@ impl Persist for Writer {
 
 /// Reads the run from the API server (not the cache); `None` when it is gone or replaced.
 async fn fresh(api: &Api<BulkExportRun>, name: &str, uid: &str, cancel: &CancellationToken) -> Option<BulkExportRun> {
-    let mut attempt = 0;
+    let mut failures = rules::RUN_READ.start();
     loop {
         match api.get_opt(name).await {
             Ok(Some(r)) if r.uid().as_deref() == Some(uid) => return Some(r),
             Ok(_) => return None,
             Err(e) => {
-                attempt += 1;
                 tracing::warn!(run = %name, error = %e, "reading the run failed; retrying");
+                let wait = failures.failed(None).unwrap_or(rules::RUN_READ.max);
                 tokio::select! {
-                    _ = tokio::time::sleep(crate::fhir::retry::backoff(attempt, Duration::from_secs(1), WRITE_RETRY_MAX)) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = cancel.cancelled() => return None,
                 }
             }
@@ -275,7 +272,7 @@ async fn drive_run(cached: Arc<BulkExportRun>, ctx: Arc<Context>, cancel: Cancel
                 // the API server refused our writes for a while: resume from what it holds
                 tracing::warn!(run = %format!("{ns}/{name}"), error = %e, "could not store the run status; resuming in 30s");
                 tokio::select! {
-                    _ = tokio::time::sleep(WRITE_RETRY_MAX) => {}
+                    _ = tokio::time::sleep(rules::STATUS_WRITE.max) => {}
                     _ = cancel.cancelled() => return,
                 }
             }
@@ -379,7 +376,9 @@ async fn cleanup(run: Arc<BulkExportRun>, ctx: Arc<Context>) -> Result<Action, E
                 .map(|t| Timestamp::now().duration_since(t.0).unsigned_abs())
                 .unwrap_or_default();
             if age < CLEANUP_GRACE {
-                return Err(Error::Other(format!("cleanup of the deleted run is incomplete, retrying: {left}")));
+                return Err(Error::CleanupBlocked(format!(
+                    "cleanup of the deleted run is incomplete, retrying: {left}"
+                )));
             }
             ctx.event(
                 &latest,

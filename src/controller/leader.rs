@@ -201,11 +201,11 @@ pub async fn run_with_election(args: &RunArgs, ctx: Arc<Context>, ready: Readine
                         last_renewed = sent;
                         ctx.fence.renewed(sent, renew_deadline);
                     }
-                    Ok(false) => break Err(Error::Other("lost leadership to another replica; exiting so that a single leader acts".into())),
+                    Ok(false) => break Err(Error::LostLeadership("lost leadership to another replica")),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot renew the Lease");
                         if last_renewed.elapsed() > renew_deadline {
-                            break Err(Error::Other("could not renew the Lease in time; exiting so that a single leader acts".into()));
+                            break Err(Error::LostLeadership("could not renew the Lease in time"));
                         }
                     }
                 }

@@ -64,27 +64,55 @@ pub struct RunArgs {
     pub receiver: relay::ReceiverArgs,
 }
 
-/// Controller errors (reconciles are retried with backoff).
+/// Controller errors (reconciles are retried with backoff). Each keeps its cause, and each has its
+/// own metric reason.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    /// Adding or removing a finalizer failed, or the reconcile behind it did (its own reason).
     #[error("finalizer: {0}")]
-    Finalizer(String),
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error(transparent)]
     Bind(#[from] crate::serve::BindError),
+    /// No Kubernetes cluster to talk to.
+    #[error("no Kubernetes cluster: set KUBECONFIG or run in a pod ({0})")]
+    NoCluster(#[source] kube::Error),
+    /// A file named by a flag cannot be read or used.
+    #[error("{flag} {path}: {source}")]
+    File {
+        flag: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A flag's value cannot work (the message says how to fix it).
+    #[error("{flag}: {message}")]
+    Flag { flag: &'static str, message: String },
+    /// This process no longer leads: it exits so that one leader acts.
+    #[error("{0}; exiting so that a single leader acts")]
+    LostLeadership(&'static str),
+    /// What a deleted object left behind (Subscriptions on a source, a run's staged files) cannot be
+    /// removed yet.
     #[error("{0}")]
-    Other(String),
+    CleanupBlocked(String),
 }
 
 impl Error {
     /// A short reason label for metrics.
     pub fn reason(&self) -> &'static str {
+        use kube::runtime::finalizer::Error as F;
         match self {
             Error::Kube(_) => "KubeApi",
-            Error::Finalizer(_) => "Finalizer",
+            Error::Finalizer(f) => match f.as_ref() {
+                F::ApplyFailed(e) | F::CleanupFailed(e) => e.reason(),
+                _ => "Finalizer",
+            },
             Error::Bind(_) => "Bind",
-            Error::Other(_) => "Other",
+            Error::NoCluster(_) => "NoCluster",
+            Error::File { .. } | Error::Flag { .. } => "Flag",
+            Error::LostLeadership(_) => "LostLeadership",
+            Error::CleanupBlocked(_) => "CleanupBlocked",
         }
     }
 }
@@ -139,8 +167,7 @@ pub struct Context {
 /// A short, jittered wait before deciding again after a status conflict (so that many conflicting
 /// reconciles do not retry in lock step).
 pub fn conflict_backoff() -> std::time::Duration {
-    let jitter = (uuid::Uuid::new_v4().as_u128() % 2000) as u64;
-    std::time::Duration::from_millis(1000 + jitter)
+    crate::fhir::retry::rules::conflict_requeue()
 }
 
 impl Context {
@@ -223,9 +250,7 @@ pub async fn run(args: RunArgs) -> i32 {
 
 async fn run_inner(args: RunArgs) -> Result<(), Error> {
     crate::net::init_tls();
-    let client = Client::try_default()
-        .await
-        .map_err(|e| Error::Other(format!("no Kubernetes cluster: set KUBECONFIG or run in a pod ({e})")))?;
+    let client = Client::try_default().await.map_err(Error::NoCluster)?;
     let shutdown = CancellationToken::new();
     {
         let s = shutdown.clone();

@@ -58,16 +58,21 @@ pub async fn start(
 ) -> Result<(Arc<Relay>, broadcast::Sender<(String, String)>), Error> {
     let key = match &args.relay_key_file {
         Some(p) => {
-            let k = std::fs::read(p)
-                .map(|b| b.trim_ascii().to_vec())
-                .map_err(|e| Error::Other(format!("--relay-key-file {}: {e}", p.display())))?;
+            let k = std::fs::read(p).map(|b| b.trim_ascii().to_vec()).map_err(|source| Error::File {
+                flag: "--relay-key-file",
+                path: p.display().to_string(),
+                source,
+            })?;
             // anyone who knows a sync's uid could make its credential from a short key
             if k.len() < 32 {
-                return Err(Error::Other(format!(
-                    "--relay-key-file {}: the key has {} bytes; it needs at least 32 (e.g. `head -c 48 /dev/urandom | base64`)",
-                    p.display(),
-                    k.len()
-                )));
+                return Err(Error::Flag {
+                    flag: "--relay-key-file",
+                    message: format!(
+                        "{}: the key has {} bytes; it needs at least 32 (e.g. `head -c 48 /dev/urandom | base64`)",
+                        p.display(),
+                        k.len()
+                    ),
+                });
             }
             Some(k)
         }
@@ -83,8 +88,10 @@ pub async fn start(
         Some(k) => k,
         None => {
             let mut b = vec![0u8; 32];
-            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
-                .map_err(|_| Error::Other("no random numbers for the relay's key".into()))?;
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).map_err(|_| Error::Flag {
+                flag: "--relay-key-file",
+                message: "not given, and no random numbers for a key".into(),
+            })?;
             b
         }
     };
@@ -97,11 +104,14 @@ pub async fn start(
         // process, before it says it is ready
         let tls = match (&args.receiver_tls_cert, &args.receiver_tls_key) {
             (Some(c), Some(k)) => {
-                let cert =
-                    std::fs::read(c).map_err(|e| Error::Other(format!("--receiver-tls-cert {}: {e}", c.display())))?;
-                let key =
-                    std::fs::read(k).map_err(|e| Error::Other(format!("--receiver-tls-key {}: {e}", k.display())))?;
-                Some(receiver::tls_config(&cert, &key).map_err(Error::Other)?)
+                let read = |flag: &'static str, p: &std::path::Path| {
+                    std::fs::read(p).map_err(|source| Error::File { flag, path: p.display().to_string(), source })
+                };
+                let (cert, key) = (read("--receiver-tls-cert", c)?, read("--receiver-tls-key", k)?);
+                Some(
+                    receiver::tls_config(&cert, &key)
+                        .map_err(|message| Error::Flag { flag: "--receiver-tls-cert/--receiver-tls-key", message })?,
+                )
             }
             _ => None,
         };

@@ -102,7 +102,7 @@ pub async fn plan(
     }
     let (endpoint, headers, content) = configure_relay(ctx, obj, source).await?;
     let Some(style) = caps.topics else {
-        let kind = if caps.software.to_ascii_lowercase().contains("medplum") { "medplum" } else { "rest-hook" };
+        let kind = if crate::fhir::quirks::posts_resources(&caps.software) { "medplum" } else { "rest-hook" };
         return Ok(Plan {
             desired: simple(&endpoint, &headers, spec.send_deletes),
             kind,
@@ -134,7 +134,7 @@ pub async fn plan(
     for (t, params) in &by_type {
         let new_url = format!("https://fhirsync.io/topic/{uid}/{t}");
         let topic = topics.ensure(&tag, t, params, &new_url).await.map_err(|e| {
-            let hint = if matches!(e.status(), Some(400 | 403 | 405 | 422)) {
+            let hint = if crate::fhir::class::refuses(&e, crate::fhir::class::Ask::Create) {
                 " — the source refused the topic: create a topic for this type on it (with create, update and delete triggers), and fhirsync uses it"
             } else {
                 ""

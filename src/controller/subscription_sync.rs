@@ -25,7 +25,7 @@ use crate::api::{
     SubscriptionState,
 };
 use crate::fhir::client::Error as HttpError;
-use crate::fhir::retry::backoff;
+use crate::fhir::retry::rules;
 use crate::fhir::subscription::{SubscriptionClient, Tag};
 use crate::run::resolve;
 
@@ -50,7 +50,7 @@ async fn reconcile(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(e.to_string()))
+    .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
 pub(super) fn owner_tag(obj: &FhirSubscriptionSync) -> Tag {
@@ -75,13 +75,9 @@ pub(super) async fn write_status(
     }
 }
 
-fn http_reason(e: &HttpError) -> &'static str {
-    match e {
-        HttpError::Auth(_) | HttpError::Status { status: 401 | 403, .. } => "AuthFailed",
-        HttpError::Transport { .. } | HttpError::Timeout { .. } => "SourceUnreachable",
-        HttpError::Status { status, .. } if *status >= 500 => "SourceUnreachable",
-        _ => "SubscriptionError",
-    }
+/// The reason word for a source's error: by its class, as everywhere.
+fn http_reason(e: &HttpError, otherwise: &'static str) -> &'static str {
+    crate::fhir::class::classify(e).reason("SourceUnreachable", otherwise)
 }
 
 /// Sets Ready=False (and Degraded for errors a person must fix) and schedules the next attempt.
@@ -163,10 +159,7 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
     let caps = match client.capabilities().await {
         Ok(c) => c,
         Err(e) => {
-            let reason = match http_reason(&e) {
-                "SubscriptionError" => "SourceUnsupported",
-                r => r,
-            };
+            let reason = http_reason(&e, "SourceUnsupported");
             not_ready(&mut st, gen_, reason, format!("reading the source's CapabilityStatement: {e}"));
             write_status(&api, &obj, &before, &st).await?;
             return Ok(retry_soon);
@@ -198,7 +191,7 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
     // (base verifyInterval, at most 30 minutes)
     let may_retry = |c: &str| match prev.get(c) {
         Some(p) if matches!(p.status.as_str(), "error" | "off") || p.retries > 0 => {
-            let wait = backoff(p.retries, verify.max(Duration::from_secs(1)), Duration::from_secs(1800));
+            let wait = rules::rerequest(verify).wait(p.retries.saturating_add(1));
             let since = p.last_retry.as_ref().or(p.last_verified.as_ref()).map(|t| t.0).unwrap_or(now);
             now.duration_since(since).as_secs_f64() >= wait.as_secs_f64()
         }
@@ -220,8 +213,8 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
-            let reason = http_reason(&e);
-            let hint = if e.status() == Some(422) {
+            let reason = http_reason(&e, "SubscriptionError");
+            let hint = if crate::fhir::class::refuses(&e, crate::fhir::class::Ask::Create) {
                 " — the source refused the Subscription: does it allow rest-hook channels (HAPI: hapi.fhir.subscription.resthook_enabled: true) and this criteria?"
             } else {
                 ""
@@ -446,7 +439,7 @@ async fn cleanup(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Ac
                 obj.metadata.generation,
             );
             write_status(&api, &obj, &before, &st).await?;
-            Err(Error::Other(msg))
+            Err(Error::CleanupBlocked(msg))
         }
     }
 }

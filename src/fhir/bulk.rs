@@ -503,7 +503,7 @@ impl BulkClient {
     pub async fn release(&self, status_url: &str) -> Result<(), Error> {
         let url = peer_url(status_url)?;
         let resp = self.http.send(Request::new(Method::DELETE, url)).await?;
-        if resp.status().is_success() || resp.status() == StatusCode::NOT_FOUND || resp.status() == StatusCode::GONE {
+        if resp.status().is_success() || super::class::gone(resp.status().as_u16()) {
             return Ok(());
         }
         Err(Error::from_response(&Method::DELETE, resp).await)
@@ -551,10 +551,9 @@ async fn kickoff_answer(url: &Url, method: Method, resp: reqwest::Response) -> R
         return Ok(status_url.to_string());
     }
     let err = Error::from_response(&method, resp).await;
-    // Helios answers its per-tenant export cap with 400 "too many concurrent exports": it is busy,
-    // not a bad request
+    // a server's own word for "busy" (Helios's export cap): waited out, not a bad request
     match &err {
-        Error::Status { status: 400, message, .. } if message.to_ascii_lowercase().contains("too many concurrent") => {
+        Error::Status { status, message, .. } if super::quirks::export_cap_is_busy(*status, message) => {
             Err(err.into_busy())
         }
         _ => Err(err),

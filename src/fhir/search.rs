@@ -27,7 +27,7 @@ pub enum Existence {
 }
 
 fn unsupported_status(s: StatusCode) -> bool {
-    matches!(s.as_u16(), 400 | 404 | 405 | 406 | 422 | 501)
+    super::class::refuses_status(s.as_u16(), super::class::Ask::Search)
 }
 
 /// Searches `{Type}?_id=a,b,…` for at most [`CHUNK`] ids. A server that ignores the parameter (it
@@ -90,7 +90,7 @@ pub async fn exists(http: &HttpClient, resource_type: &str, id: &str) -> Result<
     let resp = http.send(Request::new(Method::GET, url).header(ACCEPT, "application/fhir+json")).await?;
     match resp.status() {
         StatusCode::OK => Ok(Some(true)),
-        StatusCode::NOT_FOUND | StatusCode::GONE => Ok(Some(false)),
+        s if super::class::gone(s.as_u16()) => Ok(Some(false)),
         s if unsupported_status(s) => Ok(None),
         _ => Err(Error::from_response(&Method::GET, resp).await),
     }

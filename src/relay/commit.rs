@@ -15,9 +15,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::budget::Held;
+use crate::fhir::class::{Class, classify};
 use crate::fhir::client::Error as HttpError;
 use crate::pathling::{BATCH_MAX, PathlingClient, Put};
-use crate::run::policy::{Class, classify};
 
 /// Bytes of resources in one batch (a larger resource goes alone, as a PUT).
 pub const BATCH_BYTES: usize = 2 << 20;
@@ -362,7 +362,7 @@ where
 {
     let start = Instant::now();
     let mut n = 0;
-    let mut wait = Duration::from_millis(250);
+    let mut failures = crate::fhir::retry::rules::RELAY_WRITE.start();
     loop {
         n += 1;
         match f().await {
@@ -370,7 +370,7 @@ where
             Err(e) => {
                 let class = classify(&e);
                 let msg = crate::text::peer_text(&e.to_string(), crate::text::PEER_TEXT_MAX);
-                if matches!(class, Class::Permanent | Class::Invalid) {
+                if matches!(class, Class::Permanent | Class::Unsupported | Class::Invalid) {
                     return (Err(Outcome::Rejected(msg)), n);
                 }
                 if class == Class::Auth {
@@ -378,7 +378,7 @@ where
                     return (Err(Outcome::Unavailable(msg)), n);
                 }
                 // a Retry-After of 0 (or in the past) does not make it sooner than the backoff
-                let pause = e.retry_after().map(|r| r.min(RETRY_FOR)).unwrap_or_default().max(wait);
+                let pause = failures.failed(e.retry_after().map(|r| r.min(RETRY_FOR))).unwrap_or(RETRY_FOR);
                 if start.elapsed() + pause > RETRY_FOR {
                     return (Err(Outcome::Unavailable(msg)), n);
                 }
@@ -386,7 +386,6 @@ where
                     _ = tokio::time::sleep(pause) => {}
                     _ = stop.cancelled() => return (Err(Outcome::Unavailable("the relay is stopping".into())), n),
                 }
-                wait = (wait * 2).min(Duration::from_secs(2));
             }
         }
     }

@@ -2,6 +2,7 @@
 //! (`id-only` resources read from the source), committed with the other changes in flight, and
 //! answered; and what the relay does when it knows it missed changes.
 
+use crate::fhir::class::Class;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -108,7 +109,7 @@ impl Relay {
                         );
                     }
                     Ok(None) => writes.push(Write::Delete { type_, id }),
-                    Err(e) if matches!(crate::run::policy::classify(&e), crate::run::policy::Class::Permanent) => {
+                    Err(e) if matches!(crate::fhir::class::classify(&e), Class::Permanent | Class::Unsupported) => {
                         s.count(&self.metrics, "failed", 1);
                         let m = format!("{type_}/{id} could not be read from the source: {e}");
                         self.missed(s, &m);

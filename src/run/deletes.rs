@@ -18,6 +18,7 @@ use super::{Engine, Failure, Memory, Next, Reason};
 use crate::api::conditions::{get_condition, set_condition, types};
 use crate::api::{BulkExportRunStatus, DeletionSource};
 use crate::fhir::bundle::Page;
+use crate::fhir::class::{Class, classify};
 use crate::fhir::client::Error as HttpError;
 use crate::fhir::history::{self, Scope, Walk};
 use crate::fhir::ndjson::{Line, Lines};
@@ -171,7 +172,7 @@ impl Applier<'_> {
 
 /// Whether an answer means "this server has no such history".
 fn no_history(e: &HttpError) -> bool {
-    matches!(e, HttpError::Status { status: 400 | 403 | 404 | 405 | 410 | 422 | 501, .. } | HttpError::Protocol { .. })
+    crate::fhir::class::refuses(e, crate::fhir::class::Ask::History)
 }
 
 impl Engine {
@@ -187,7 +188,7 @@ impl Engine {
             }
             Ok(c) if c.system_interactions.contains("history-system") => return Ok(Some(vec![Scope::System])),
             Ok(_) => {}
-            Err(e) if policy::classify(&e) == policy::Class::Permanent => {}
+            Err(e) if matches!(classify(&e), Class::Permanent | Class::Unsupported) => {}
             Err(e) => return Err(Stop::Http(Peer::Source, e)),
         }
         // the CapabilityStatement does not say: ask the system history for one entry

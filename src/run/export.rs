@@ -6,9 +6,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio::sync::watch;
 
 use super::policy::{Attempt, Peer};
-use super::{Engine, Failure, Memory, Next, Reason, finish::job_is_dead, now};
+use super::{Engine, Failure, Memory, Next, Reason, now};
 use crate::api::{BulkExportRunStatus, ExportMethod, Phase};
 use crate::fhir::bulk::Poll;
+use crate::fhir::class::{Ask, refuses};
+use crate::fhir::quirks::job_is_dead;
 
 /// The place in a queue as shown: exact up to 1, then the next power of ten above it.
 pub fn queue_bound(ahead: usize) -> u32 {
@@ -135,19 +137,14 @@ impl Engine {
                 mem.reset_polls();
                 Ok(Next::Wait(self.poll_wait(st, mem, None, self.setup.values.source.max_poll)))
             }
-            Err(e)
-                if self.setup.verify.is_some()
-                    && !req.elements.is_empty()
-                    && matches!(e.status(), Some(400 | 422 | 501))
-                    && !e.to_string().to_ascii_lowercase().contains("concurrent") =>
-            {
+            Err(e) if self.setup.verify.is_some() && !req.elements.is_empty() && refuses(&e, Ask::Parameter) => {
                 // a source that refuses _elements: read the ids from a full export instead
                 tracing::info!(run = %self.id, error = %e, "the source refused _elements=id; verifying from a full export");
                 mem.verify.full_export = true;
                 st.message = Some("the source refused _elements: reading ids from a full export".into());
                 Ok(Next::Continue)
             }
-            Err(e) if self.setup.method == ExportMethod::Auto && matches!(e.status(), Some(404 | 405 | 501)) => {
+            Err(e) if self.setup.method == ExportMethod::Auto && refuses(&e, Ask::Operation) => {
                 let why = format!("answered its $export kick-off with {}", e.status().unwrap_or_default());
                 self.fall_back_to_search(st, &why)
             }

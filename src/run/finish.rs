@@ -33,13 +33,6 @@ pub fn duration_of(st: &BulkExportRunStatus) -> Option<String> {
     Some(crate::api::units::show(Duration::from_secs(secs)))
 }
 
-/// Whether an `X-Progress` text says the job will never finish (HAPI: "Build in progress - Status set
-/// to CANCELLED at …" / "… ERRORED …"), without mistaking ordinary text such as "0 errors".
-pub fn job_is_dead(progress: &str) -> bool {
-    let l = progress.to_ascii_lowercase();
-    ["cancelled", "canceled", "errored", "aborted"].iter().any(|w| l.contains(w))
-}
-
 impl Engine {
     /// Succeeded: staged files removed, counts and message recorded (`deletions` says what the
     /// deletion phase did, as a phrase that follows "imported N resources from F files").
@@ -114,15 +107,6 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dead_jobs_are_recognised_by_their_progress_text() {
-        assert!(job_is_dead("Build in progress - Status set to CANCELLED at 2026-11-26T03:00:00Z"));
-        assert!(job_is_dead("Build in progress - Status set to ERRORED at 2026-11-26T03:00:00Z"));
-        assert!(job_is_dead("Cancelled"));
-        assert!(!job_is_dead("Build in progress - Status set to IN_PROGRESS at 2026-11-26T03:00:00Z"));
-        assert!(!job_is_dead("45% complete, 0 errors"));
-    }
 
     #[test]
     fn a_failure_is_recorded_bounded() {

@@ -2,20 +2,23 @@
 //! the files this run staged, poll `$job`, and accept its result only when it lists every input.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use tokio::sync::watch;
 
 use super::names::StagedName;
-use super::policy::{Attempt, Class, Peer, classify};
+use super::policy::{Attempt, Peer};
 use super::{Engine, Failure, Memory, Next, Reason, now};
 use crate::api::{BulkExportRunStatus, Phase};
-use crate::fhir::retry::backoff;
+use crate::fhir::class::{Class, classify};
+use crate::fhir::retry::rules;
 use crate::pathling::{ImportInput, ImportResult, JobPoll, PnpRequest, Submitted};
 
 /// `$job` answers "unknown job" this often in a row before the run fails (Pathling keeps jobs in
 /// memory: one loss is a restart, a loss every time is a broken Pathling or a wrong URL).
-pub const MAX_LOST_JOBS: u32 = 3;
+pub const MAX_LOST_JOBS: u32 = match rules::LOST_JOB.tries {
+    Some(n) => n - 1,
+    None => 0,
+};
 
 impl Engine {
     /// Releases the export on the source (best effort): single-export servers need the slot, and the
@@ -184,7 +187,7 @@ impl Engine {
                         ),
                     ));
                 }
-                let wait = backoff(mem.lost_jobs - 1, Duration::from_secs(2), Duration::from_secs(60));
+                let wait = rules::LOST_JOB.wait(mem.lost_jobs);
                 st.message = Some(format!(
                     "Pathling no longer knows the import job (restarted?); submitting again ({}/{MAX_LOST_JOBS})",
                     mem.lost_jobs

@@ -335,8 +335,7 @@ pub async fn drive<P: Persist + Send>(
                 streaks.transient += 1;
                 st.message = Some(format!("{}; retry {}/{}", e.failure.message, streaks.transient, policy::MAX_STREAK));
                 progress.send_replace(st.clone());
-                let wait = crate::fhir::retry::backoff(streaks.transient, policy::ERROR_BASE, policy::ERROR_MAX)
-                    .mul_f64(deps.backoff_scale);
+                let wait = crate::fhir::retry::rules::TRANSIENT.wait(streaks.transient).mul_f64(deps.backoff_scale);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = cancel.cancelled() => return Err(DriveError::Cancelled),
@@ -459,6 +458,7 @@ pub async fn engine(inputs: &RunInputs, deps: &Deps) -> Result<Engine, resolve::
     })
 }
 
+pub use crate::fhir::quirks::job_is_dead;
 pub use export::MAX_LOST_KICKOFFS;
-pub use finish::{job_is_dead, mark_failed};
+pub use finish::mark_failed;
 pub use import::MAX_LOST_JOBS;

@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use crate::fhir::client::Error as HttpError;
-use crate::fhir::retry::backoff;
+use crate::fhir::retry::{Backoff, rules};
 
 /// Machine-readable reasons used in conditions and events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,43 +66,12 @@ impl Failure {
     }
 }
 
-/// How an error is answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Class {
-    Busy,
-    Transient,
-    Unreachable,
-    Auth,
-    Permanent,
-    Invalid,
-}
-
-/// Classifies an error. The one place that reads status codes and error kinds for retry decisions.
-pub fn classify(e: &HttpError) -> Class {
-    match e {
-        HttpError::Transport { connect: true, .. } => Class::Unreachable,
-        HttpError::Transport { .. } | HttpError::Timeout { .. } => Class::Transient,
-        HttpError::Status { busy: true, .. } => Class::Busy,
-        HttpError::Status { status: 401 | 403, .. } => Class::Auth,
-        HttpError::Status { transient: true, .. } => Class::Transient,
-        HttpError::Status { .. } => Class::Permanent,
-        HttpError::Auth(crate::auth::AuthError::TokenEndpoint { .. }) | HttpError::Auth(_) => Class::Auth,
-        HttpError::Protocol { .. }
-        | HttpError::TooLarge { .. }
-        | HttpError::Refused { .. }
-        | HttpError::Unsupported { .. } => Class::Permanent,
-        HttpError::Config(_) => Class::Invalid,
-    }
-}
+pub use crate::fhir::class::{Class, classify};
 
 /// Most consecutive transient failures before a run fails (the README promises this number).
-pub const MAX_STREAK: u32 = 8;
-/// First wait after a transient failure; doubles up to [`ERROR_MAX`].
-pub const ERROR_BASE: Duration = Duration::from_secs(2);
-/// Longest wait after a transient failure: eight in a row take about four minutes.
-pub const ERROR_MAX: Duration = Duration::from_secs(60);
+pub const MAX_STREAK: u32 = rules::TRANSIENT_STREAK;
 /// Longest wait while a peer says it is busy.
-pub const BUSY_MAX: Duration = Duration::from_secs(300);
+pub const BUSY_MAX: Duration = rules::BUSY.max;
 
 /// Which peer an attempt talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,7 +149,7 @@ pub fn decide(a: Attempt<'_>, e: &HttpError, streaks: &mut Streaks) -> Decision 
                 ));
             }
             streaks.transient += 1;
-            let wait = backoff(streaks.transient - 1, ERROR_BASE, ERROR_MAX).max(e.retry_after().unwrap_or_default());
+            let wait = rules::TRANSIENT.wait(streaks.transient).max(e.retry_after().unwrap_or_default());
             Decision::Retry {
                 wait,
                 message: format!("{}: {e}; retry {}/{MAX_STREAK} in {}", a.what, streaks.transient, show(wait)),
@@ -189,9 +158,7 @@ pub fn decide(a: Attempt<'_>, e: &HttpError, streaks: &mut Streaks) -> Decision 
         Class::Busy => {
             streaks.busy = streaks.busy.saturating_add(1);
             // a peer that is busy forever costs a bounded number of requests: the wait grows
-            let wait = backoff(streaks.busy - 1, Duration::from_secs(1), BUSY_MAX)
-                .max(e.retry_after().unwrap_or_default())
-                .min(BUSY_MAX);
+            let wait = rules::BUSY.wait(streaks.busy).max(e.retry_after().unwrap_or_default()).min(BUSY_MAX);
             // the same message for every busy answer: waiting is not news (no status write per retry)
             Decision::Retry { wait, message: format!("{}: the server is busy ({e}); waiting", a.what) }
         }
@@ -205,13 +172,13 @@ pub fn decide(a: Attempt<'_>, e: &HttpError, streaks: &mut Streaks) -> Decision 
             };
             Decision::Fail(Failure::new(Reason::AuthFailed, format!("{}: {e}{hint}", a.what)))
         }
-        Class::Permanent => Decision::Fail(Failure::new(a.reason, format!("{}: {e}", a.what))),
+        Class::Permanent | Class::Unsupported => Decision::Fail(Failure::new(a.reason, format!("{}: {e}", a.what))),
         Class::Invalid => Decision::Fail(Failure::new(Reason::InvalidSpec, format!("{}: {e}", a.what))),
     }
 }
 
 /// The first wait of a poll schedule.
-pub const EARLY_POLL: Duration = Duration::from_millis(100);
+pub const EARLY_POLL: Duration = rules::POLL.first;
 
 /// The wait before poll number `polls` (0: the first after the kick-off or submission) of an
 /// asynchronous job. Polls start early and double (100 ms, 200 ms, 400 ms …): a small job ends in
@@ -220,7 +187,7 @@ pub const EARLY_POLL: Duration = Duration::from_millis(100);
 /// already spent waiting — so a job that never ends costs a number of polls that grows with the log
 /// of its duration, whatever the server says — and never above the user's `maxPollInterval`.
 pub fn poll_wait(server: Option<Duration>, polls: u32, waited: Duration, max: Duration) -> Duration {
-    let base = backoff(polls, EARLY_POLL, server.unwrap_or(Duration::from_secs(60)));
+    let base = Backoff::new(EARLY_POLL, server.unwrap_or(rules::POLL.max)).wait(polls.saturating_add(1));
     base.max(waited / 50).clamp(EARLY_POLL, max.max(EARLY_POLL))
 }
 
@@ -241,27 +208,6 @@ mod tests {
             retry_after: retry.map(Duration::from_secs),
             transient,
             busy,
-        }
-    }
-
-    #[test]
-    fn classes() {
-        let refused = HttpError::Transport { url: "u".into(), message: "Connection refused".into(), connect: true };
-        let table: Vec<(HttpError, Class)> = vec![
-            (refused, Class::Unreachable),
-            (HttpError::Transport { url: "u".into(), message: "reset".into(), connect: false }, Class::Transient),
-            (HttpError::Timeout { url: "u".into(), secs: 1 }, Class::Transient),
-            (status(429, false, true, None), Class::Busy),
-            (status(503, true, true, None), Class::Busy),
-            (status(500, true, false, None), Class::Transient),
-            (status(401, false, false, None), Class::Auth),
-            (status(404, false, false, None), Class::Permanent),
-            (status(400, false, false, None), Class::Permanent),
-            (HttpError::Protocol { url: "u".into(), message: "html".into() }, Class::Permanent),
-            (HttpError::Config("x".into()), Class::Invalid),
-        ];
-        for (e, want) in table {
-            assert_eq!(classify(&e), want, "{e}");
         }
     }
 

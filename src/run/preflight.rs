@@ -309,11 +309,7 @@ pub async fn preflight(
 }
 
 fn reason_for(e: &HttpError, unreachable: &'static str) -> &'static str {
-    match e {
-        HttpError::Auth(_) => "AuthFailed",
-        HttpError::Status { status: 401 | 403, .. } => "AuthFailed",
-        _ => unreachable,
-    }
+    crate::fhir::class::classify(e).reason(unreachable, unreachable)
 }
 
 /// Whether Pathling's URL of the staging area is well formed (Pathling reads `file:`, `s3a:`,

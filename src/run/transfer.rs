@@ -10,20 +10,24 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use tokio::sync::watch;
 
 use super::names::StagedName;
-use super::policy::{self, Attempt, Class, Peer};
+use super::policy::{self, Attempt, Peer};
 use super::{Engine, Failure, Memory, Next, Reason};
 use crate::api::conditions::{set_condition, types};
 use crate::api::{BulkExportRunStatus, FileCounts, Phase};
 use crate::fhir::bulk::{BulkClient, Manifest, OutputFile, Poll};
+use crate::fhir::class::{Class, classify};
 use crate::fhir::client::Error as HttpError;
 use crate::fhir::ndjson::{Line, Lines};
 use crate::fhir::outcome::OperationOutcome;
-use crate::fhir::retry::backoff;
+use crate::fhir::retry::rules;
 use crate::staging::{Staging, StagingError};
 use crate::text::peer_text;
 
 /// Attempts per file before the transfer fails (for failures that may pass).
-pub const FILE_ATTEMPTS: u32 = 4;
+pub const FILE_ATTEMPTS: u32 = match rules::FILE.tries {
+    Some(n) => n,
+    None => 1,
+};
 /// Longest `error[]` line whose text is read (longer ones are counted, not read).
 pub const ERROR_LINE_MAX: usize = 64 * 1024;
 
@@ -77,7 +81,7 @@ impl FileError {
     /// Whether another attempt may succeed.
     pub fn retryable(&self) -> bool {
         match self {
-            FileError::Http(e) => matches!(policy::classify(e), Class::Transient | Class::Unreachable | Class::Busy),
+            FileError::Http(e) => classify(e).may_pass(),
             FileError::Staging(e) => e.retryable(),
             FileError::CountMismatch { .. } => true,
             FileError::FileTooLarge { .. } | FileError::RunTooLarge { .. } => false,
@@ -86,7 +90,7 @@ impl FileError {
 
     fn reason(&self) -> Reason {
         match self {
-            FileError::Http(e) => match policy::classify(e) {
+            FileError::Http(e) => match classify(e) {
                 Class::Auth => Reason::AuthFailed,
                 Class::Unreachable => Reason::SourceUnreachable,
                 Class::Invalid => Reason::InvalidSpec,
@@ -377,10 +381,9 @@ impl Engine {
     ) -> Result<(), Failure> {
         // failures that may pass count toward FILE_ATTEMPTS; a busy source (429) is waited out as
         // the policy says — its waits grow, and the run's deadline bounds them
-        let mut attempt = 0;
+        let mut failures = rules::FILE.start();
         let mut busy = policy::Streaks::default();
         loop {
-            attempt += 1;
             match stage_file(&self.setup.source, staging, &job, requires, caps).await {
                 Ok((lines, bytes)) => {
                     let t = {
@@ -400,8 +403,7 @@ impl Engine {
                     });
                     return Ok(());
                 }
-                Err(FileError::Http(e)) if policy::classify(&e) == Class::Busy => {
-                    attempt -= 1;
+                Err(FileError::Http(e)) if classify(&e) == Class::Busy => {
                     let a = Attempt {
                         what: "downloading a file",
                         peer: Peer::Source,
@@ -413,13 +415,17 @@ impl Engine {
                         tokio::time::sleep(self.scaled(wait)).await;
                     }
                 }
-                Err(e) if e.retryable() && attempt < FILE_ATTEMPTS => {
-                    tracing::warn!(run = %self.id, file = %job.name.file_name(), attempt, error = %e, "file transfer failed; retrying");
-                    let wait = backoff(attempt - 1, policy::ERROR_BASE, policy::ERROR_MAX);
-                    tokio::time::sleep(self.scaled(wait)).await;
-                }
                 Err(e) => {
-                    let tries = if e.retryable() { format!(" after {attempt} attempts") } else { String::new() };
+                    if e.retryable()
+                        && let Some(wait) = failures.failed(None)
+                    {
+                        let attempt = failures.count();
+                        tracing::warn!(run = %self.id, file = %job.name.file_name(), attempt, error = %e, "file transfer failed; retrying");
+                        tokio::time::sleep(self.scaled(wait)).await;
+                        continue;
+                    }
+                    let tries =
+                        if e.retryable() { format!(" after {} attempts", failures.count()) } else { String::new() };
                     return Err(Failure::new(
                         e.reason(),
                         format!("file {} ({}) failed{tries}: {e}", job.name.file_name(), job.file.type_),

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::deletes::delete_all;
-use super::policy::{self, Attempt, Peer};
+use super::policy::{Attempt, Peer};
 use super::presence::Presence;
 use super::{Engine, Failure, Memory, Next, Reason, now};
 use crate::api::conditions::{set_condition, types};
@@ -63,9 +63,8 @@ async fn read_ids(
 ) -> Result<i64, Failure> {
     let mut unreadable = 0;
     for f in files {
-        let mut attempt = 0;
+        let mut failures = crate::fhir::retry::rules::FILE.start();
         loop {
-            attempt += 1;
             let r: Result<i64, ReadError> = async {
                 let stream = client.download(&f.url, requires_token).await.map_err(ReadError::Http)?;
                 let mut lines = Lines::new(Box::pin(stream), ID_LINE_MAX);
@@ -97,18 +96,16 @@ async fn read_ids(
                     return Err(Failure::new(Reason::VerifyFailed, format!("spilling sorted ids: {e}")));
                 }
                 Err(ReadError::Http(e)) => {
-                    let retry = matches!(
-                        policy::classify(&e),
-                        policy::Class::Transient | policy::Class::Unreachable | policy::Class::Busy
-                    );
-                    if !retry || attempt >= super::transfer::FILE_ATTEMPTS {
-                        return Err(Failure::new(
-                            Reason::VerifyFailed,
-                            format!("reading ids from {} ({}): {e}", crate::text::redact_str(&f.url), f.type_),
-                        ));
+                    let retry = crate::fhir::class::classify(&e).may_pass();
+                    match failures.failed(None).filter(|_| retry) {
+                        Some(wait) => tokio::time::sleep(wait.mul_f64(scale)).await,
+                        None => {
+                            return Err(Failure::new(
+                                Reason::VerifyFailed,
+                                format!("reading ids from {} ({}): {e}", crate::text::redact_str(&f.url), f.type_),
+                            ));
+                        }
                     }
-                    let wait = crate::fhir::retry::backoff(attempt - 1, policy::ERROR_BASE, policy::ERROR_MAX);
-                    tokio::time::sleep(wait.mul_f64(scale)).await;
                 }
             }
         }

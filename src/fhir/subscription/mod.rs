@@ -59,7 +59,7 @@ impl Capabilities {
                 self.fhir_version
             ));
         }
-        if self.software.to_ascii_lowercase().contains("medplum") {
+        if crate::fhir::quirks::posts_resources(&self.software) {
             return Some(
                 "Medplum POSTs resources to the bare endpoint, which Pathling cannot take: set spec.delivery: Relay"
                     .into(),
@@ -78,9 +78,9 @@ pub fn topic_style(v: &Value) -> Option<TopicStyle> {
     if version.starts_with("4.3") {
         return Some(TopicStyle::BackportTopic);
     }
-    let software = v["software"]["name"].as_str().unwrap_or_default().to_ascii_lowercase();
+    let software = v["software"]["name"].as_str().unwrap_or_default();
     let text = v.to_string();
-    if text.contains("subscriptions-backport") || software.contains("helios") {
+    if text.contains("subscriptions-backport") || crate::fhir::quirks::has_unstated_backport_topics(software) {
         return Some(TopicStyle::BackportBasic);
     }
     None
@@ -237,7 +237,7 @@ impl SubscriptionClient {
     pub async fn read(&self, id: &str) -> Result<Option<Existing>, Error> {
         match self.json(fhir_json(Request::new(Method::GET, self.http.url(&format!("Subscription/{id}"))))).await {
             Ok((_, _, v)) => Ok(Existing::from(v)),
-            Err(e) if matches!(e.status(), Some(404 | 410)) => Ok(None),
+            Err(e) if e.status().is_some_and(crate::fhir::class::gone) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -246,7 +246,7 @@ impl SubscriptionClient {
     pub async fn delete(&self, id: &str) -> Result<(), Error> {
         match self.json(fhir_json(Request::new(Method::DELETE, self.http.url(&format!("Subscription/{id}"))))).await {
             Ok(_) => Ok(()),
-            Err(e) if matches!(e.status(), Some(404 | 410)) => Ok(()),
+            Err(e) if e.status().is_some_and(crate::fhir::class::gone) => Ok(()),
             Err(e) => Err(e),
         }
     }

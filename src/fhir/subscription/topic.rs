@@ -4,8 +4,8 @@
 //! `Basic` resource coded `SubscriptionTopic` with the R5 topic's elements as extensions; on R4B and
 //! R5 it is a `SubscriptionTopic`.
 
+use reqwest::Method;
 use reqwest::header::{ACCEPT, CONTENT_TYPE};
-use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use super::{Tag, TopicStyle};
@@ -256,7 +256,7 @@ impl TopicClient {
         for t in self.search(tag, true).await? {
             let Some(id) = t.id.as_deref().filter(|_| !keep.contains(&t.url)) else { continue };
             let resp = self.http.send(Request::new(Method::DELETE, self.http.url_segments(&[path, id]))).await?;
-            if !(resp.status().is_success() || matches!(resp.status(), StatusCode::NOT_FOUND | StatusCode::GONE)) {
+            if !(resp.status().is_success() || crate::fhir::class::gone(resp.status().as_u16())) {
                 return Err(Error::from_response(&Method::DELETE, resp).await);
             }
             n += 1;
