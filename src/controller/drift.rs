@@ -5,9 +5,9 @@
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use kube::runtime::events::EventType;
 
 use super::Context;
+use super::notes::Note;
 use crate::api::conditions::{remove_condition, set_condition_status, types};
 use crate::api::{
     ANNOTATION_VERIFY_NOW, BulkExportRun, BulkExportRunSpec, BulkExportSync, BulkExportSyncStatus, Drift, Phase,
@@ -47,7 +47,7 @@ pub fn due(
 
 /// Other BulkExportSyncs that write any of this sync's types into the same Pathling (their extras
 /// are not this sync's to delete).
-fn shared_with(ctx: &Context, sync: &BulkExportSync) -> Vec<String> {
+pub fn shared_with(ctx: &Context, sync: &BulkExportSync) -> Vec<String> {
     let Some(store) = ctx.sync_store.get() else { return vec![] };
     let url = sync.spec.target.url.trim_end_matches('/');
     let mine = &sync.spec.export.types;
@@ -68,7 +68,7 @@ fn shared_with(ctx: &Context, sync: &BulkExportSync) -> Vec<String> {
 
 /// The run spec of a due verification or repair (the repair exports only its types, in full).
 pub fn run_spec(
-    ctx: &Context,
+    shared_with: &(dyn Fn() -> Vec<String> + Sync),
     sync: &BulkExportSync,
     st: &BulkExportSyncStatus,
     due: &Due,
@@ -83,7 +83,7 @@ pub fn run_spec(
                     .watermark
                     .clone()
                     .or_else(|| st.last_successful_run.as_ref().and_then(|r| r.transaction_time.clone())),
-                shared_with: shared_with(ctx, sync),
+                shared_with: shared_with(),
                 recheck: *recheck,
             };
             let spec = BulkExportRunSpec {
@@ -129,7 +129,7 @@ pub fn started(st: &mut BulkExportSyncStatus, due: &Due, name: &str, now: Timest
 }
 
 /// Folds a finished verification or repair run into the status; `false` for other runs.
-pub async fn fold(ctx: &Context, sync: &BulkExportSync, st: &mut BulkExportSyncStatus, run: &BulkExportRun) -> bool {
+pub fn fold(sync: &BulkExportSync, st: &mut BulkExportSyncStatus, run: &BulkExportRun, notes: &mut Vec<Note>) -> bool {
     let rs = run.status.clone().unwrap_or_default();
     let name = run.name_any();
     let message = rs.message.clone().unwrap_or_default();
@@ -141,12 +141,11 @@ pub async fn fold(ctx: &Context, sync: &BulkExportSync, st: &mut BulkExportSyncS
             {
                 let d = decide::after_verification(st.drift.as_ref(), &name, report, v.recheck, v.repair);
                 if !d.in_sync {
-                    ctx.event(sync, EventType::Warning, "DriftFound", "Verify", format!("run {name}: {message}")).await;
+                    notes.push(Note::warning("DriftFound", "Verify", format!("run {name}: {message}")));
                 }
                 st.drift = Some(d);
             } else {
-                ctx.event(sync, EventType::Warning, "VerifyFailed", "Verify", format!("run {name} failed: {message}"))
-                    .await;
+                notes.push(Note::warning("VerifyFailed", "Verify", format!("run {name} failed: {message}")));
                 st.drift = decide::after_failed_verification(st.drift.as_ref(), &name, &message);
                 set_condition_status(
                     &mut st.conditions,
@@ -164,19 +163,17 @@ pub async fn fold(ctx: &Context, sync: &BulkExportSync, st: &mut BulkExportSyncS
                 st.drift = Some(decide::after_repair(d, &name, rs.phase == Phase::Succeeded, &message));
             }
             if rs.phase != Phase::Succeeded {
-                ctx.event(sync, EventType::Warning, "RepairFailed", "Repair", format!("run {name} failed: {message}"))
-                    .await;
+                notes.push(Note::warning("RepairFailed", "Repair", format!("run {name} failed: {message}")));
             }
         }
         _ => return false,
     }
-    update(ctx, sync, st, None);
+    in_sync(sync, st);
     true
 }
 
-/// Keeps the `InSync` condition and the drift gauges in step with `status.drift`; `before` is the
-/// drift the gauges showed (types no longer listed are removed).
-pub fn update(ctx: &Context, sync: &BulkExportSync, st: &mut BulkExportSyncStatus, before: Option<&Drift>) {
+/// Keeps the `InSync` condition in step with `status.drift`.
+pub fn in_sync(sync: &BulkExportSync, st: &mut BulkExportSyncStatus) {
     let gen_ = sync.metadata.generation;
     match decide::in_sync(st.drift.as_ref(), sync.spec.verify.is_some()) {
         Some((status, reason, msg)) => {
@@ -190,6 +187,11 @@ pub fn update(ctx: &Context, sync: &BulkExportSync, st: &mut BulkExportSyncStatu
             remove_condition(&mut st.conditions, types::IN_SYNC);
         }
     }
+}
+
+/// Keeps the drift gauges in step with `status.drift`; `before` is the drift the gauges showed
+/// (types no longer listed are removed).
+pub fn gauges(ctx: &Context, sync: &BulkExportSync, st: &BulkExportSyncStatus, before: Option<&Drift>) {
     let (ns, name) = (sync.namespace().unwrap_or_default(), sync.name_any());
     let labels = |t: &str, kind: &str| DriftLabels {
         namespace: ns.clone(),

@@ -17,11 +17,13 @@ use crate::run::{Deps, KeyedLocks, Options};
 use crate::secrets::{KubeSecrets, SecretSource};
 use crate::telemetry::LogFormat;
 
+mod bulk_plan;
 pub mod bulk_run;
-pub mod bulk_sync;
+mod bulk_sync;
 pub mod cache;
 pub mod drift;
 pub mod leader;
+mod notes;
 pub mod relay;
 pub mod status;
 mod subscription_desired;

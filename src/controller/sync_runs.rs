@@ -1,15 +1,16 @@
-//! The BulkExportSync controller's runs: creating one (idempotently, by its deterministic name) and
-//! folding a finished one into the sync's status — a verification's or repair's into the drift, any
-//! other run's into the watermark, the last successful run and the conditions.
+//! The BulkExportSync controller's runs: a new one built (pure) and created (idempotently, by its
+//! deterministic name), and a finished one folded into the sync's status (pure) — a verification's
+//! or repair's into the drift, any other run's into the watermark, the last successful run and the
+//! conditions.
 
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::PostParams;
-use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 
-use super::{Context, Error};
+use super::Error;
+use super::notes::Note;
 use crate::api::conditions::{set_condition, types};
 use crate::api::{
     ANNOTATION_WATERMARK_BASIS, BulkExportRun, BulkExportRunSpec, BulkExportSync, BulkExportSyncStatus, FIELD_MANAGER,
@@ -21,18 +22,16 @@ fn run_is_finished(r: &BulkExportRun) -> bool {
     r.status.as_ref().is_some_and(|s| s.phase.is_finished())
 }
 
-/// Creates a run (idempotent: its name is deterministic), annotated with the watermark basis of the
-/// status being decided (`st`), so that its watermark applies only while that basis holds. Returns whether a run of that name had
-/// been created and finished before (then it is not adopted as the active run).
-pub(super) async fn create_run(
-    runs_api: &Api<BulkExportRun>,
+/// A new run of `sync`, annotated with the watermark basis of the status being decided (`st`), so
+/// that its watermark applies only while that basis holds.
+pub(super) fn new_run(
     sync: &BulkExportSync,
     st: &BulkExportSyncStatus,
     name: &str,
     spec: BulkExportRunSpec,
-) -> Result<bool, Error> {
+) -> BulkExportRun {
     let basis = sync::watermark_basis(&sync::watermark_scope(&sync.spec), st.handled_reset_watermark.as_deref());
-    let run = BulkExportRun {
+    BulkExportRun {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
             namespace: sync.namespace(),
@@ -45,13 +44,19 @@ pub(super) async fn create_run(
         },
         spec,
         status: None,
-    };
-    match runs_api.create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &run).await {
+    }
+}
+
+/// Creates a run (idempotent: its name is deterministic). Returns whether a run of that name had
+/// been created and finished before (then it is not adopted as the active run).
+pub(super) async fn create_run(runs_api: &Api<BulkExportRun>, run: &BulkExportRun) -> Result<bool, Error> {
+    let name = run.name_any();
+    match runs_api.create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, run).await {
         Ok(_) => Ok(false),
         // created before a crash or by a decision whose status write was lost: the run's
         // deterministic name makes this idempotent; adopt it unless it already finished
         Err(kube::Error::Api(s)) if s.code == 409 => {
-            Ok(runs_api.get_opt(name).await?.is_some_and(|r| run_is_finished(&r)))
+            Ok(runs_api.get_opt(&name).await?.is_some_and(|r| run_is_finished(&r)))
         }
         Err(e) => Err(e.into()),
     }
@@ -59,28 +64,28 @@ pub(super) async fn create_run(
 
 /// A finished run's results go into the sync's status: a verification's or repair's into the
 /// drift, any other run's into the watermark and conditions.
-pub(super) async fn finished(
-    ctx: &Context,
+pub(super) fn finished(
     sync: &BulkExportSync,
     st: &mut BulkExportSyncStatus,
     run: &BulkExportRun,
     overlap: Duration,
     scheduled: bool,
+    notes: &mut Vec<Note>,
 ) {
     st.active_run = None;
-    if !super::drift::fold(ctx, sync, st, run).await {
-        fold(ctx, sync, st, run, overlap, scheduled).await;
+    if !super::drift::fold(sync, st, run, notes) {
+        fold(sync, st, run, overlap, scheduled, notes);
     }
 }
 
 /// Folds a finished run into the sync's status: results, watermark, conditions.
-async fn fold(
-    ctx: &Context,
+fn fold(
     sync: &BulkExportSync,
     st: &mut BulkExportSyncStatus,
     run: &BulkExportRun,
     overlap: Duration,
     scheduled: bool,
+    notes: &mut Vec<Note>,
 ) {
     let gen_ = sync.metadata.generation;
     let rs = run.status.clone().unwrap_or_default();
@@ -157,7 +162,7 @@ async fn fold(
         match degraded {
             Some((reason, msg)) => {
                 if reason != "PartialExport" {
-                    ctx.event(sync, EventType::Warning, reason, "Run", msg.clone()).await;
+                    notes.push(Note::warning(reason, "Run", msg.clone()));
                 }
                 set_condition(&mut st.conditions, types::DEGRADED, true, reason, msg, gen_);
             }
@@ -170,6 +175,6 @@ async fn fold(
         let msg = format!("run {} failed: {}; {retry}", run.name_any(), rs.message.clone().unwrap_or_default());
         set_condition(&mut st.conditions, types::READY, false, "RunFailed", msg.clone(), gen_);
         set_condition(&mut st.conditions, types::DEGRADED, true, &reason, msg.clone(), gen_);
-        ctx.event(sync, EventType::Warning, &reason, "Run", msg).await;
+        notes.push(Note::warning(&reason, "Run", msg));
     }
 }
