@@ -27,6 +27,7 @@ mod notes;
 pub mod relay;
 pub mod status;
 mod subscription_desired;
+mod subscription_plan;
 pub mod subscription_sync;
 mod sync_preflight;
 mod sync_runs;

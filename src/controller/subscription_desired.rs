@@ -27,7 +27,7 @@ use crate::run::resolve;
 /// How long a Subscription may stay `requested` before the sync says so.
 pub const REQUESTED_MAX: Duration = Duration::from_secs(300);
 
-/// The Subscriptions a sync wants, and what they need.
+/// The Subscriptions a sync wants, and what they need (made by [`prepare`]).
 pub struct Plan {
     pub desired: Vec<Desired>,
     /// `rest-hook`, `topic` or `medplum`.
@@ -62,8 +62,9 @@ async fn direct_headers(ctx: &Context, obj: &FhirSubscriptionSync) -> Result<Vec
     })
 }
 
-/// Builds the plan; in Relay mode, configures the relay too.
-pub async fn plan(
+/// Prepares what the sync wants on its source, and acts to make it possible: reads `headersRef`
+/// (Direct), configures the relay (Relay), finds or creates the topics (topic-based sources).
+pub async fn prepare(
     ctx: &Context,
     obj: &FhirSubscriptionSync,
     caps: &Capabilities,

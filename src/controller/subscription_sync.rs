@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use jiff::Timestamp;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -17,6 +16,7 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
+use super::subscription_plan::{self as plan, not_ready};
 use super::{Context, Error, ReadyCheck};
 use crate::api::conditions::{set_condition, set_insecure_tls, types};
 use crate::api::validate::{server_timing, validate_subscription_sync};
@@ -25,7 +25,6 @@ use crate::api::{
     SubscriptionState,
 };
 use crate::fhir::client::Error as HttpError;
-use crate::fhir::retry::rules;
 use crate::fhir::subscription::{SubscriptionClient, Tag};
 use crate::run::resolve;
 
@@ -78,20 +77,6 @@ pub(super) async fn write_status(
 /// The reason word for a source's error: by its class, as everywhere.
 fn http_reason(e: &HttpError, otherwise: &'static str) -> &'static str {
     crate::fhir::class::classify(e).reason("SourceUnreachable", otherwise)
-}
-
-/// Sets Ready=False (and Degraded for errors a person must fix) and schedules the next attempt.
-fn not_ready(st: &mut FhirSubscriptionSyncStatus, gen_: Option<i64>, reason: &str, msg: String) {
-    set_condition(&mut st.conditions, types::READY, false, reason, msg.clone(), gen_);
-    let needs_person = matches!(reason, "AuthFailed" | "SourceUnsupported" | "InvalidSpec" | "SubscriptionError");
-    set_condition(
-        &mut st.conditions,
-        types::DEGRADED,
-        needs_person,
-        if needs_person { reason } else { "Transient" },
-        if needs_person { msg } else { "retrying".into() },
-        gen_,
-    );
 }
 
 async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -175,7 +160,7 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
         write_status(&api, &obj, &before, &st).await?;
         return Ok(requeue(verify));
     }
-    let mut plan = match super::subscription_desired::plan(&ctx, &obj, &caps, client.http()).await {
+    let mut desired_plan = match super::subscription_desired::prepare(&ctx, &obj, &caps, client.http()).await {
         Ok(p) => p,
         Err((reason, msg)) => {
             not_ready(&mut st, gen_, &reason, msg);
@@ -183,26 +168,17 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
             return Ok(retry_soon);
         }
     };
-    let desired = std::mem::take(&mut plan.desired);
-    let prev: HashMap<String, SubscriptionState> =
-        before.subscriptions.iter().map(|s| (s.criteria.clone(), s.clone())).collect();
+    let desired = std::mem::take(&mut desired_plan.desired);
+    let prev: HashMap<&str, &SubscriptionState> =
+        before.subscriptions.iter().map(|s| (s.criteria.as_str(), s)).collect();
     let now = Timestamp::now();
-    // re-request a Subscription seen in error/off at the previous pass, with exponential backoff
-    // (base verifyInterval, at most 30 minutes)
-    let may_retry = |c: &str| match prev.get(c) {
-        Some(p) if matches!(p.status.as_str(), "error" | "off") || p.retries > 0 => {
-            let wait = rules::rerequest(verify).wait(p.retries.saturating_add(1));
-            let since = p.last_retry.as_ref().or(p.last_verified.as_ref()).map(|t| t.0).unwrap_or(now);
-            now.duration_since(since).as_secs_f64() >= wait.as_secs_f64()
-        }
-        _ => false,
-    };
+    let may_retry = |c: &str| plan::may_rerequest(prev.get(c).copied(), verify, now);
     let tag = owner_tag(&obj);
     let outcome = match client.reconcile(&tag, &desired, may_retry).await {
         Ok(o) => {
             // topics no longer served by any criteria go (after their Subscriptions)
-            if let Some(topics) = &plan.topics
-                && let Err(e) = topics.remove_owned(&tag, &plan.topic_urls).await
+            if let Some(topics) = &desired_plan.topics
+                && let Err(e) = topics.remove_owned(&tag, &desired_plan.topic_urls).await
             {
                 tracing::warn!(fss = %format!("{ns}/{name}"), error = %e, "could not remove unused topics");
             }
@@ -224,167 +200,39 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
             return Ok(retry_soon);
         }
     };
-    if spec.delivery == Delivery::Relay && !outcome.updated.is_empty() {
-        // the Subscriptions now carry another credential or endpoint (a restart without
-        // --relay-key-file makes a new key): deliveries the source still retries with the old ones
-        // will be refused, so what changed meanwhile comes by a catch-up now, not after the source
-        // gives up on its retries
-        ctx.relay.catch_up_now(
-            &ns,
-            &name,
-            "the Subscriptions were updated (credential or endpoint): deliveries in flight with the old ones are refused",
-        );
-    }
-    for (what, list) in [("Updated", &outcome.updated), ("Rerequested", &outcome.rerequested)] {
-        for c in list {
-            ctx.event(
-                obj.as_ref(),
-                EventType::Normal,
-                what,
-                "Subscription",
-                format!("{what} the Subscription for {c:?} on the source"),
-            )
-            .await;
-        }
-    }
     for c in &outcome.created {
         tracing::info!(fss = %format!("{ns}/{name}"), criteria = %c, "created a Subscription on the source");
     }
-    for id in &outcome.deleted {
-        ctx.event(
-            obj.as_ref(),
-            EventType::Normal,
-            "Deleted",
-            "Subscription",
-            format!("deleted Subscription/{id} on the source (no longer wanted)"),
-        )
-        .await;
+    let topics = |c: &str| desired_plan.topic_of(c);
+    let found = plan::Found {
+        before: &before,
+        outcome: &outcome,
+        kind: desired_plan.kind,
+        topics: &topics,
+        delivery: spec.delivery,
+        verify,
+        now,
+        generation: gen_,
+    };
+    let verdict = plan::found(&found, &mut st);
+    if let Some(why) = verdict.catch_up {
+        ctx.relay.catch_up_now(&ns, &name, why);
     }
-    st.subscriptions = outcome
-        .states
-        .iter()
-        .map(|s| {
-            let p = prev.get(&s.criteria).filter(|p| p.id.as_deref() == Some(s.id.as_str()));
-            let rerequested = outcome.rerequested.contains(&s.criteria);
-            let active = s.status == "active";
-            let retries = match (active, rerequested) {
-                (true, _) => 0,
-                (false, true) => p.map(|p| p.retries).unwrap_or(0) + 1,
-                (false, false) => p.map(|p| p.retries).unwrap_or(0),
-            };
-            // keep showing the last error while a re-requested Subscription is not active yet
-            let error = if s.error.is_empty() && !active && retries > 0 {
-                p.map(|p| p.error.clone()).unwrap_or_default()
-            } else {
-                crate::text::peer_text(&s.error, crate::text::PEER_TEXT_MAX)
-            };
-            // written only when the state changes: a verification that finds nothing new writes nothing
-            let unchanged = p.is_some_and(|p| p.status == s.status && p.error == error && p.retries == retries);
-            let since = match p {
-                Some(p) if p.status == s.status => p.since.clone(),
-                _ => Some(Time(now)),
-            };
-            SubscriptionState {
-                criteria: s.criteria.clone(),
-                kind: plan.kind.into(),
-                topic: plan.topic_of(&s.criteria),
-                since,
-                id: Some(s.id.clone()),
-                status: s.status.clone(),
-                last_verified: if unchanged { p.and_then(|p| p.last_verified.clone()) } else { Some(Time(now)) },
-                error,
-                retries,
-                last_retry: if rerequested {
-                    Some(Time(now))
-                } else if active {
-                    None
-                } else {
-                    p.and_then(|p| p.last_retry.clone())
-                },
-            }
-        })
-        .collect();
-    let total = st.subscriptions.len();
-    let active = st.subscriptions.iter().filter(|s| s.status == "active").count();
-    st.active_subscriptions = Some(format!("{active}/{total}"));
-    let failing: Vec<&SubscriptionState> =
-        st.subscriptions.iter().filter(|s| matches!(s.status.as_str(), "error" | "off")).collect();
-    for (state, n) in [("active", active), ("failing", failing.len()), ("requested", total - active - failing.len())] {
-        ctx.metrics
-            .subscriptions
-            .get_or_create(&crate::metrics::SubscriptionLabels {
-                namespace: ns.clone(),
-                name: name.clone(),
-                state: state.into(),
-            })
-            .set(n as i64);
+    super::notes::publish(&ctx, obj.as_ref(), &verdict.notes).await;
+    let c = verdict.counts;
+    for (state, n) in [("active", c.active), ("failing", c.failing), ("requested", c.requested)] {
+        let labels =
+            crate::metrics::SubscriptionLabels { namespace: ns.clone(), name: name.clone(), state: state.into() };
+        ctx.metrics.subscriptions.get_or_create(&labels).set(n as i64);
     }
-    let action = if !failing.is_empty() {
-        let desc: Vec<String> = failing
-            .iter()
-            .map(|s| {
-                format!(
-                    "{:?} (Subscription/{}) is {}{}",
-                    s.criteria,
-                    s.id.clone().unwrap_or_default(),
-                    s.status,
-                    if s.error.is_empty() { String::new() } else { format!(": {}", s.error) }
-                )
-            })
-            .collect();
-        let msg = format!(
-            "{}; re-requested with backoff. Check that the source can reach {} and that Pathling accepts its writes ({})",
-            desc.join("; "),
-            if spec.delivery == Delivery::Relay { "the receiver (--receiver-url)" } else { "spec.endpoint" },
-            if spec.delivery == Delivery::Relay { "spec.target.auth" } else { "headersRef" }
-        );
-        let was = before
-            .conditions
-            .iter()
-            .any(|c| c.type_ == types::DEGRADED && c.status == "True" && c.reason == "SubscriptionError");
-        if !was {
-            ctx.event(obj.as_ref(), EventType::Warning, "SubscriptionError", "Verify", msg.clone()).await;
-        }
-        not_ready(&mut st, gen_, "SubscriptionError", msg);
-        retry_soon
-    } else if active < total {
-        set_condition(
-            &mut st.conditions,
-            types::READY,
-            false,
-            "Requested",
-            format!("{} of {total} Subscriptions are still requested: the source activates them", total - active),
-            gen_,
-        );
-        match super::subscription_desired::stuck(&st.subscriptions, now, spec.delivery) {
-            Some(msg) => {
-                let was = before.conditions.iter().any(|c| c.type_ == types::DEGRADED && c.reason == "NotActivated");
-                if !was {
-                    ctx.event(obj.as_ref(), EventType::Warning, "NotActivated", "Verify", msg.clone()).await;
-                }
-                set_condition(&mut st.conditions, types::DEGRADED, true, "NotActivated", msg, gen_);
+    let action = match verdict.next {
+        plan::Next::After(d) => requeue(d),
+        plan::Next::Requested(d) => {
+            if before.observed_generation.is_none() && ctx.defer_first_write(&uid) {
+                return Ok(requeue(Duration::from_secs(2)));
             }
-            None => {
-                set_condition(&mut st.conditions, types::DEGRADED, false, "Requested", "waiting for the source", gen_);
-            }
+            requeue(d)
         }
-        // sources activate within seconds: look again soon — and a first status that would only
-        // say "requested" waits for that look (one write instead of two)
-        if before.observed_generation.is_none() && ctx.defer_first_write(&uid) {
-            return Ok(requeue(Duration::from_secs(2)));
-        }
-        requeue(verify.min(Duration::from_secs(5)))
-    } else {
-        set_condition(
-            &mut st.conditions,
-            types::READY,
-            true,
-            "AllActive",
-            format!("all {total} Subscriptions are active on the source"),
-            gen_,
-        );
-        set_condition(&mut st.conditions, types::DEGRADED, false, "AllActive", "all Subscriptions are active", gen_);
-        requeue(verify)
     };
     if spec.delivery == Delivery::Relay {
         st.relay = ctx.relay.status(&ns, &name).or(st.relay.take());
