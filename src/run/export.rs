@@ -6,6 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio::sync::watch;
 
 use super::policy::{Attempt, Peer};
+use super::resolve::RunKind;
 use super::{Engine, Failure, Memory, Next, Reason, now};
 use crate::api::{BulkExportRunStatus, ExportMethod, Phase};
 use crate::fhir::bulk::Poll;
@@ -32,8 +33,8 @@ impl Engine {
         mem: &mut Memory,
         progress: &watch::Sender<BulkExportRunStatus>,
     ) -> Result<Next, Failure> {
-        if self.setup.staging.is_none() {
-            return self.import(st, mem, progress).await; // pingAndPull: Pathling exports itself
+        if self.setup.kind == RunKind::PingAndPull {
+            return self.import(st, mem, progress).await; // Pathling exports from the source itself
         }
         // a wrong Pathling URL fails in seconds, before anything is exported; its generation is
         // known from here on (what a run can do there is decided before anything is sent)
@@ -44,7 +45,7 @@ impl Engine {
                     mem.streaks.ok();
                     mem.target_checked = true;
                     tracing::debug!(run = %self.id, generation = d.generation.name(), why = %d.why, "Pathling's generation");
-                    if self.setup.verify.is_some() && !d.generation.exports() {
+                    if self.setup.kind.is_verify() && !d.generation.exports() {
                         return Err(Failure::new(
                             Reason::VerifyFailed,
                             format!(
@@ -137,7 +138,7 @@ impl Engine {
                 mem.reset_polls();
                 Ok(Next::Wait(self.poll_wait(st, mem, None, self.setup.values.source.max_poll)))
             }
-            Err(e) if self.setup.verify.is_some() && !req.elements.is_empty() && refuses(&e, Ask::Parameter) => {
+            Err(e) if self.setup.kind.is_verify() && !req.elements.is_empty() && refuses(&e, Ask::Parameter) => {
                 // a source that refuses _elements: read the ids from a full export instead
                 tracing::info!(run = %self.id, error = %e, "the source refused _elements=id; verifying from a full export");
                 mem.verify.full_export = true;
@@ -162,7 +163,7 @@ impl Engine {
 
     /// `method: Auto` on a source without `$export`: the run reads it by search instead, and says so.
     fn fall_back_to_search(&self, st: &mut BulkExportRunStatus, why: &str) -> Result<Next, Failure> {
-        if self.setup.verify.is_some() {
+        if self.setup.kind.is_verify() {
             return Err(Failure::new(
                 Reason::VerifyFailed,
                 format!(
@@ -244,7 +245,7 @@ impl Engine {
                 st.transaction_time = [tt, self.until()].into_iter().flatten().min().map(Time);
                 st.progress = Some("export complete".into());
                 st.poll_attempts = 0;
-                if self.setup.verify.is_some() {
+                if self.setup.kind.is_verify() {
                     st.phase = Phase::Verifying;
                     st.message = Some(format!("reading ids from {} files", m.output.len()));
                 } else {

@@ -104,7 +104,7 @@ impl Engine {
         mem: &mut Memory,
         progress: &watch::Sender<BulkExportRunStatus>,
     ) -> Result<Next, Failure> {
-        let pnp = self.setup.staging.is_none();
+        let pnp = self.setup.kind == super::resolve::RunKind::PingAndPull;
         if !pnp && !st.export_released {
             self.release_export(st, mem).await;
             return Ok(Next::Continue);

@@ -235,7 +235,7 @@ pub async fn preflight(
             return out;
         }
     };
-    let ping_and_pull = setup.staging.is_none();
+    let ping_and_pull = setup.kind == super::resolve::RunKind::PingAndPull;
 
     // the source
     if !ping_and_pull {

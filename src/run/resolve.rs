@@ -183,6 +183,42 @@ pub async fn http_client(
     Ok(Resolved { client, insecure, key })
 }
 
+/// What a run does: parsed once, from its template and trigger, here — the phases ask this, not
+/// which optional fields happen to be set.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunKind {
+    /// Export (or crawl) from the source, stage, import, apply deletions. A repair is one too: of
+    /// some types, from no watermark (its sync does not move the watermark for it).
+    Sync,
+    /// Pathling exports from the source itself (`$import-pnp`): nothing is staged, no deletions.
+    PingAndPull,
+    /// Compare the ids of both sides (and delete extras the source confirms gone): nothing imported.
+    Verify(api::VerifyRun),
+}
+
+impl RunKind {
+    /// The kind of a run of template `t` (`verify`: the run's `spec.verify`, for a verification).
+    pub fn of(t: &RunTemplate, verify: Option<&api::VerifyRun>) -> Self {
+        match verify {
+            Some(v) => RunKind::Verify(v.clone()),
+            None if t.staging.ping_and_pull.is_some() => RunKind::PingAndPull,
+            None => RunKind::Sync,
+        }
+    }
+
+    /// A verification's options.
+    pub fn verify(&self) -> Option<&api::VerifyRun> {
+        match self {
+            RunKind::Verify(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn is_verify(&self) -> bool {
+        matches!(self, RunKind::Verify(_))
+    }
+}
+
 /// Everything a run needs, resolved from its template.
 pub struct RunSetup {
     pub source: BulkClient,
@@ -203,8 +239,7 @@ pub struct RunSetup {
     pub source_capacity: usize,
     pub pathling_key: String,
     pub insecure_tls: bool,
-    /// Set for a verification run.
-    pub verify: Option<api::VerifyRun>,
+    pub kind: RunKind,
 }
 
 /// `staging.volume.path` must lie under the operator's `--staging-root` (when it has one).
@@ -256,6 +291,7 @@ pub async fn setup(
     opts: &Options,
 ) -> Result<RunSetup, SetupError> {
     let Which { namespace, run, since, verify } = which;
+    let kind = RunKind::of(t, verify);
     if !is_object_name(namespace) || !is_object_name(run) {
         return Err(Failure::new(
             Reason::InvalidSpec,
@@ -277,13 +313,13 @@ pub async fn setup(
         types: t.export.types.clone(),
         type_filters: t.export.type_filters.clone(),
         // a verification reads ids only, of everything the sync selects
-        elements: if verify.is_some() { vec!["id".into()] } else { t.export.elements.clone() },
-        since: if verify.is_some() { None } else { since.map(|t| t.to_string()) },
-        until: if verify.is_some() { None } else { t.export.until.as_ref().map(|u| u.0.to_string()) },
+        elements: if kind.is_verify() { vec!["id".into()] } else { t.export.elements.clone() },
+        since: if kind.is_verify() { None } else { since.map(|t| t.to_string()) },
+        until: if kind.is_verify() { None } else { t.export.until.as_ref().map(|u| u.0.to_string()) },
     };
     let method = t.export.method;
     if method != api::ExportMethod::BulkExport {
-        if t.staging.ping_and_pull.is_some() {
+        if kind == RunKind::PingAndPull {
             return Err(Failure::new(
                 Reason::InvalidSpec,
                 "staging.pingAndPull has Pathling export from the source itself: it cannot read a source by search; \
@@ -293,7 +329,7 @@ pub async fn setup(
         }
         super::crawl::check(&export).map_err(|m| Failure::new(Reason::InvalidSpec, m))?;
     }
-    if method == api::ExportMethod::Search && verify.is_some() {
+    if method == api::ExportMethod::Search && kind.is_verify() {
         return Err(Failure::new(
             Reason::VerifyFailed,
             "a verification compares ids from a bulk export of the source; a sync with export.method Search cannot be \
@@ -327,7 +363,7 @@ pub async fn setup(
         Some(Arc::new(
             ObjectStaging::new(&cfg, namespace, run).map_err(|e| Failure::new(Reason::InvalidSpec, e.to_string()))?,
         ))
-    } else if verify.is_some() {
+    } else if kind.is_verify() {
         // pingAndPull has no staging area: a verification spills its sorted ids locally
         let root = opts.spill_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("fhirsync-spill"));
         let root = root.to_string_lossy().to_string();
@@ -341,17 +377,17 @@ pub async fn setup(
         staging,
         export,
         method,
-        since: if verify.is_some() { None } else { since },
+        since: if kind.is_verify() { None } else { since },
         source_url: t.source.url.clone(),
         save_mode: t.target.save_mode.code().to_string(),
-        apply_deletes: t.target.apply_deletes && t.staging.ping_and_pull.is_none(),
+        apply_deletes: t.target.apply_deletes && kind == RunKind::Sync,
         max_parallel: t.max_parallel_downloads.clamp(1, 64) as usize,
         values: *values,
         source_key: src.key,
         source_capacity: t.source.max_concurrent_exports.clamp(1, 64) as usize,
         pathling_key: t.target.url.trim_end_matches('/').to_string(),
         insecure_tls: src.insecure || tgt.insecure,
-        verify: verify.cloned(),
+        kind,
     })
 }
 

@@ -127,7 +127,7 @@ impl Engine {
     ) -> Result<Next, Failure> {
         let area = self.spill_area()?;
         area.claim(&self.uid).await.map_err(|e| Failure::new(Reason::VerifyFailed, e.to_string()))?;
-        let opts = self.setup.verify.clone().unwrap_or_default();
+        let opts = self.setup.kind.verify().cloned().unwrap_or_default();
         let pending_after = opts.pending_after.as_ref().map(|t| t.0);
         if mem.verify.source.is_none() {
             if st.export_released {
