@@ -111,6 +111,15 @@ pub fn refuses(e: &Error, ask: Ask) -> bool {
     }
 }
 
+/// What a person should do about an auth failure (401: the credentials, 403: their permissions).
+pub fn auth_hint(e: &Error) -> Option<&'static str> {
+    match e.status() {
+        Some(401) => Some("the server rejected the credentials: check the auth block and the Secret it references"),
+        Some(403) => Some("the credentials lack permission: grant the client the needed scope or role"),
+        _ => None,
+    }
+}
+
 /// Whether a status code says a resource is not there (any more): 404, 410.
 pub fn gone(status: u16) -> bool {
     matches!(status, 404 | 410)

@@ -284,7 +284,7 @@ impl PathlingClient {
         }
         let url = self.http.url_segments(&[resource_type, id]);
         let resp = self.http.send(Request::new(Method::DELETE, url).header(ACCEPT, "application/fhir+json")).await?;
-        if resp.status().is_success() || resp.status() == StatusCode::NOT_FOUND || resp.status() == StatusCode::GONE {
+        if resp.status().is_success() || crate::fhir::class::gone(resp.status().as_u16()) {
             return Ok(());
         }
         Err(Error::from_response(&Method::DELETE, resp).await)

@@ -215,7 +215,7 @@ async fn read(source: &HttpClient, type_: &str, id: &str) -> Result<Option<Read>
                 }),
             }
         }
-        StatusCode::NOT_FOUND | StatusCode::GONE => Ok(None),
+        s if crate::fhir::class::gone(s.as_u16()) => Ok(None),
         _ => Err(HttpError::from_response(&Method::GET, resp).await),
     }
 }

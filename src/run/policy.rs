@@ -163,13 +163,7 @@ pub fn decide(a: Attempt<'_>, e: &HttpError, streaks: &mut Streaks) -> Decision 
             Decision::Retry { wait, message: format!("{}: the server is busy ({e}); waiting", a.what) }
         }
         Class::Auth => {
-            let hint = match e.status() {
-                Some(401) => {
-                    " — the server rejected the credentials: check the auth block and the Secret it references"
-                }
-                Some(403) => " — the credentials lack permission: grant the client the needed scope or role",
-                _ => "",
-            };
+            let hint = crate::fhir::class::auth_hint(e).map(|h| format!(" — {h}")).unwrap_or_default();
             Decision::Fail(Failure::new(Reason::AuthFailed, format!("{}: {e}{hint}", a.what)))
         }
         Class::Permanent | Class::Unsupported => Decision::Fail(Failure::new(a.reason, format!("{}: {e}", a.what))),

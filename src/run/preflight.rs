@@ -75,11 +75,14 @@ pub fn summarize(findings: &[Finding]) -> (bool, &'static str, String) {
 }
 
 fn http_fix(e: &HttpError, field: &str) -> String {
-    match (e.first_contact_hint(), e.status()) {
-        (Some(h), _) => format!("{h} ({field})"),
-        (None, Some(401)) => "the server refused the credentials: check the auth block and its Secret".into(),
-        (None, Some(403)) => "the credentials lack permission: grant the needed scope or role".into(),
-        (None, Some(404)) => format!("check {field}: it should be the FHIR base URL (e.g. …/fhir)"),
+    if let Some(h) = e.first_contact_hint() {
+        return format!("{h} ({field})");
+    }
+    if let Some(h) = crate::fhir::class::auth_hint(e) {
+        return h.to_string();
+    }
+    match e.status() {
+        Some(404) => format!("check {field}: it should be the FHIR base URL (e.g. …/fhir)"),
         _ => format!("check {field} and that the server is up"),
     }
 }
