@@ -26,6 +26,23 @@ pub fn mark_failed(st: &mut BulkExportRunStatus, f: &Failure) {
     set_condition(&mut st.conditions, types::FAILED, true, f.reason.as_str(), message, None);
 }
 
+/// Marks a run Succeeded: phase, completion time, the `Complete` condition with `reason` and
+/// `summary`, and the message (`summary`, then `more` when there is more to say), bounded.
+pub fn mark_succeeded(st: &mut BulkExportRunStatus, reason: &str, summary: &str, more: Option<&str>) {
+    st.phase = Phase::Succeeded;
+    st.completion_time = Some(now());
+    st.duration = duration_of(st);
+    st.progress = Some("done".into());
+    st.queue_position = None;
+    set_condition(&mut st.conditions, types::COMPLETE, true, reason, summary, None);
+    let mut full = match more {
+        Some(m) => format!("{summary}. {m}"),
+        None => summary.to_string(),
+    };
+    crate::text::cut_bytes(&mut full, MESSAGE_MAX);
+    st.message = Some(full);
+}
+
 /// The run's length as the printer column shows it (`3m12s`).
 pub fn duration_of(st: &BulkExportRunStatus) -> Option<String> {
     let (s, e) = (st.start_time.as_ref()?, st.completion_time.as_ref()?);
@@ -44,21 +61,12 @@ impl Engine {
         }
         mem.pathling_lock = None;
         mem.source_lock = None;
-        st.phase = Phase::Succeeded;
-        st.completion_time = Some(now());
-        st.duration = duration_of(st);
-        st.progress = Some("done".into());
-        st.queue_position = None;
         st.resource_count = Some(st.resources.values().sum());
         let files = st.files.as_ref().map(|f| f.staged).unwrap_or(0);
         let msg = format!("imported {} resources from {files} files{deletions}", st.resource_count.unwrap_or(0));
-        set_condition(&mut st.conditions, types::COMPLETE, true, "Succeeded", &msg, None);
-        let mut full = match get_condition(&st.conditions, types::DEGRADED) {
-            Some(d) if d.status == "True" => format!("{msg}. {}", d.message),
-            _ => msg,
-        };
-        crate::text::cut_bytes(&mut full, MESSAGE_MAX);
-        st.message = Some(full);
+        let degraded = get_condition(&st.conditions, types::DEGRADED).filter(|d| d.status == "True");
+        let more = degraded.map(|d| d.message.clone());
+        mark_succeeded(st, "Succeeded", &msg, more.as_deref());
     }
 
     /// Failed: cleanup, then the failure recorded.

@@ -15,7 +15,6 @@ use super::deletes::delete_all;
 use super::policy::{Attempt, Peer};
 use super::presence::Presence;
 use super::{Engine, Failure, Memory, Next, Reason, now};
-use crate::api::conditions::{set_condition, types};
 use crate::api::drift::IdRead;
 use crate::api::{BulkExportRunStatus, Phase};
 use crate::fhir::bulk::{BulkClient, OutputFile};
@@ -358,10 +357,6 @@ impl Engine {
         }
         mem.verify = VerifyMemory::default();
         mem.source_lock = None;
-        st.phase = Phase::Succeeded;
-        st.completion_time = Some(now());
-        st.duration = super::finish::duration_of(st);
-        st.progress = Some("done".into());
         let msg = match &st.drift {
             Some(d) => {
                 let mut m = d.summary();
@@ -381,9 +376,6 @@ impl Engine {
             }
             None => "verified".into(),
         };
-        set_condition(&mut st.conditions, types::COMPLETE, true, "Verified", &msg, None);
-        let mut msg = msg;
-        crate::text::cut_bytes(&mut msg, super::finish::MESSAGE_MAX);
-        st.message = Some(msg);
+        super::finish::mark_succeeded(st, "Verified", &msg, None);
     }
 }
