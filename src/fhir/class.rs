@@ -125,23 +125,24 @@ pub fn gone(status: u16) -> bool {
     matches!(status, 404 | 410)
 }
 
+/// A status error as a test wants it.
+#[cfg(test)]
+pub(crate) fn status_error(status: u16, transient: bool, busy: bool, retry: Option<u64>) -> Error {
+    Error::Status {
+        method: "GET".into(),
+        url: "http://s/x".into(),
+        status,
+        message: "m".into(),
+        retry_after: retry.map(std::time::Duration::from_secs),
+        transient,
+        busy,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
+    use super::status_error as status;
     use super::*;
-
-    fn status(status: u16, transient: bool, busy: bool, retry: Option<u64>) -> Error {
-        Error::Status {
-            method: "GET".into(),
-            url: "http://s/x".into(),
-            status,
-            message: "m".into(),
-            retry_after: retry.map(Duration::from_secs),
-            transient,
-            busy,
-        }
-    }
 
     #[test]
     fn classes() {

@@ -192,18 +192,7 @@ fn show(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn status(status: u16, transient: bool, busy: bool, retry: Option<u64>) -> HttpError {
-        HttpError::Status {
-            method: "GET".into(),
-            url: "http://s/x".into(),
-            status,
-            message: "m".into(),
-            retry_after: retry.map(Duration::from_secs),
-            transient,
-            busy,
-        }
-    }
+    use crate::fhir::class::status_error as status;
 
     #[test]
     fn transient_failures_are_bounded_and_a_first_refusal_fails_at_once() {
