@@ -117,7 +117,9 @@ async fn carry_out(
                     since = %run.spec.since.as_ref().map(|t| t.0.to_string()).unwrap_or_else(|| "full export".into()),
                     "run created");
                 if finished_before && plan.status.active_run.as_deref() == Some(name.as_str()) {
+                    // decided as if it ran now: decide again shortly, without it
                     plan.status.active_run = None;
+                    plan.next = Next::After(std::time::Duration::from_secs(1));
                 }
             }
             Act::Prune(name) => match runs_api.delete(name, &DeleteParams::background()).await {

@@ -190,7 +190,9 @@ async fn apply(obj: Arc<FhirSubscriptionSync>, ctx: Arc<Context>) -> Result<Acti
         Ok(o) => o,
         Err(e) => {
             let reason = http_reason(&e, "SubscriptionError");
-            let hint = if crate::fhir::class::refuses(&e, crate::fhir::class::Ask::Create) {
+            // (a 403 is the credentials' business: AuthFailed says so)
+            let refused = crate::fhir::class::refuses(&e, crate::fhir::class::Ask::Create);
+            let hint = if refused && reason != "AuthFailed" {
                 " — the source refused the Subscription: does it allow rest-hook channels (HAPI: hapi.fhir.subscription.resthook_enabled: true) and this criteria?"
             } else {
                 ""
