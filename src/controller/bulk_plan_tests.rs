@@ -77,11 +77,8 @@ fn describe(a: &Act) -> String {
 }
 
 fn condition(st: &BulkExportSyncStatus, t: &str) -> (String, String) {
-    st.conditions
-        .iter()
-        .find(|c| c.type_ == t)
-        .map(|c| (c.status.clone(), c.reason.clone()))
-        .unwrap_or_else(|| ("-".into(), "-".into()))
+    let c = crate::api::conditions::get_condition(&st.conditions, t);
+    c.map(|c| (c.status.clone(), c.reason.clone())).unwrap_or_else(|| ("-".into(), "-".into()))
 }
 
 struct Want {

@@ -57,11 +57,8 @@ fn with(mut st: FhirSubscriptionSyncStatus, subs: Vec<SubscriptionState>) -> Fhi
 }
 
 fn condition(st: &FhirSubscriptionSyncStatus, t: &str) -> (String, String) {
-    st.conditions
-        .iter()
-        .find(|c| c.type_ == t)
-        .map(|c| (c.status.clone(), c.reason.clone()))
-        .unwrap_or_else(|| ("-".into(), "-".into()))
+    let c = crate::api::conditions::get_condition(&st.conditions, t);
+    c.map(|c| (c.status.clone(), c.reason.clone())).unwrap_or_else(|| ("-".into(), "-".into()))
 }
 
 fn pass(

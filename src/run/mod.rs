@@ -458,7 +458,6 @@ pub async fn engine(inputs: &RunInputs, deps: &Deps) -> Result<Engine, resolve::
     })
 }
 
-pub use crate::fhir::quirks::job_is_dead;
 pub use export::MAX_LOST_KICKOFFS;
 pub use finish::mark_failed;
 pub use import::MAX_LOST_JOBS;
